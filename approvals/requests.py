@@ -1,0 +1,2 @@
+def open_request(**kwargs):
+    raise NotImplementedError

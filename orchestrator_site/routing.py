@@ -1,0 +1,3 @@
+from runs.routing import websocket_urlpatterns as run_patterns
+
+websocket_urlpatterns = [*run_patterns]

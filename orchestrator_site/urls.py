@@ -1,0 +1,20 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/runs/", permanent=False)),
+    path(
+        "accounts/login/",
+        login_not_required(auth_views.LoginView.as_view()),
+        name="login",
+    ),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("workflows/", include("teams.urls")),
+    path("runs/", include("runs.urls")),
+    path("costs/", include("runs.cost_urls")),
+    path("approvals/", include("approvals.urls")),
+]

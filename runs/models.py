@@ -1,0 +1,318 @@
+"""Run: what executed, step by step, what it cost, and the event log the dashboard shows."""
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+ZERO = Decimal(0)
+
+
+class RunQuerySet(models.QuerySet):
+    def for_user(self, user) -> "RunQuerySet":
+        """A user sees the runs of workflows they can see (staff see all)."""
+        if not user.is_authenticated:
+            return self.none()
+        if user.is_staff:
+            return self.all()
+        return self.filter(
+            Q(workflow__owner=user) | Q(workflow__members=user) | Q(started_by=user)
+        ).distinct()
+
+    def active(self) -> "RunQuerySet":
+        return self.filter(status__in=Run.ACTIVE)
+
+
+class Run(models.Model):
+    QUEUED, RUNNING, WAITING_APPROVAL, PAUSED = "queued", "running", "waiting_approval", "paused"
+    SUCCEEDED, FAILED, CANCELLED, BUDGET_EXCEEDED = (
+        "succeeded", "failed", "cancelled", "budget_exceeded",
+    )
+    STATUSES = [
+        (QUEUED, "Queued"), (RUNNING, "Running"), (WAITING_APPROVAL, "Waiting for approval"),
+        (PAUSED, "Paused"), (SUCCEEDED, "Succeeded"), (FAILED, "Failed"),
+        (CANCELLED, "Cancelled"), (BUDGET_EXCEEDED, "Budget exceeded"),
+    ]
+    ACTIVE = (QUEUED, RUNNING, WAITING_APPROVAL, PAUSED)
+    TERMINAL = (SUCCEEDED, FAILED, CANCELLED, BUDGET_EXCEEDED)
+
+    workflow = models.ForeignKey("teams.Workflow", on_delete=models.PROTECT, related_name="runs")
+    version = models.ForeignKey(
+        "teams.WorkflowVersion", on_delete=models.PROTECT, related_name="runs"
+    )
+    input = models.JSONField(default=dict)
+    state = models.JSONField(default=dict)
+    result = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=20, choices=STATUSES, default=QUEUED, db_index=True)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="runs",
+    )
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    parent_step = models.ForeignKey(
+        "Step", null=True, blank=True, on_delete=models.SET_NULL, related_name="child_runs",
+        help_text="The subworkflow step of the parent run that started this run.",
+    )
+    forked_from_step = models.ForeignKey(
+        "Step", null=True, blank=True, on_delete=models.SET_NULL, related_name="forks"
+    )
+    # Per-node overrides a fork or a user asked for: {node_id: {"prompt": ..., "model": ...}}.
+    overrides = models.JSONField(default=dict, blank=True)
+    budget = models.JSONField(default=dict, blank=True)
+    # How often each loop edge was followed: {"source->target": n}.
+    edge_counts = models.JSONField(default=dict, blank=True)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=ZERO)
+    # Cost set aside for LLM calls in flight, so parallel branches cannot overrun the budget.
+    reserved_cost = models.DecimalField(max_digits=14, decimal_places=8, default=ZERO)
+    reserved_tokens = models.PositiveBigIntegerField(default=0)
+    step_count = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    blocked_on = models.CharField(max_length=200, blank=True)
+    trace_id = models.UUIDField(default=uuid.uuid4, editable=False)
+    last_seq = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["workflow", "-created_at"]),
+            models.Index(fields=["status", "-created_at"]),
+            models.Index(fields=["started_by", "-created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk} of {self.workflow_id}"
+
+    def get_absolute_url(self) -> str:
+        return f"/runs/{self.pk}/"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def duration_s(self) -> float | None:
+        if not self.started_at:
+            return None
+        from django.utils import timezone
+
+        end = self.finished_at or timezone.now()
+        return (end - self.started_at).total_seconds()
+
+
+class Step(models.Model):
+    """One execution of one node. Unique per (run, node, iteration): a loop's second pass is
+    iteration 1. `attempt` counts how often a worker claimed it (retries, redeliveries)."""
+
+    PENDING, RUNNING, WAITING, SUCCEEDED = "pending", "running", "waiting", "succeeded"
+    FAILED, SKIPPED, CANCELLED = "failed", "skipped", "cancelled"
+    STATUSES = [
+        (PENDING, "Pending"), (RUNNING, "Running"), (WAITING, "Waiting"),
+        (SUCCEEDED, "Succeeded"), (FAILED, "Failed"), (SKIPPED, "Skipped"),
+        (CANCELLED, "Cancelled"),
+    ]
+    DONE = (SUCCEEDED, FAILED, SKIPPED, CANCELLED)
+    ERROR_KINDS = [("transient", "Transient"), ("semantic", "Semantic"), ("permanent", "Permanent")]
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    node_id = models.CharField(max_length=120)
+    kind = models.CharField(max_length=20)
+    iteration = models.PositiveIntegerField(default=0)
+    attempt = models.PositiveIntegerField(default=0)
+    # Bumped by "retry from this step": recorded LLM calls of older epochs are not replayed.
+    epoch = models.PositiveIntegerField(default=0)
+    agent = models.ForeignKey(
+        "teams.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="steps"
+    )
+    status = models.CharField(max_length=12, choices=STATUSES, default=PENDING, db_index=True)
+    # Parallel branches this step belongs to, outermost first: [[parallel_node, branch], ...].
+    branches = models.JSONField(default=list, blank=True)
+    # For a join: what each branch delivered ({branch: "succeeded" | "failed" | "timeout"}).
+    arrivals = models.JSONField(default=dict, blank=True)
+    input = models.JSONField(default=dict, blank=True)
+    output_text = models.TextField(blank=True)
+    output = models.JSONField(null=True, blank=True)
+    tool_calls = models.JSONField(default=list, blank=True)
+    attempts = models.JSONField(default=list, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=ZERO)
+    latency_ms = models.PositiveIntegerField(default=0)
+    error_kind = models.CharField(max_length=10, choices=ERROR_KINDS, blank=True)
+    error = models.TextField(blank=True)
+    reused_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="A fork copies the steps before its fork point instead of running them again.",
+    )
+    lease_until = models.DateTimeField(null=True, blank=True)
+    not_before = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "node_id", "iteration"], name="unique_step_per_iteration"
+            )
+        ]
+        indexes = [models.Index(fields=["status", "lease_until"])]
+
+    def __str__(self) -> str:
+        return f"{self.node_id}#{self.iteration} of run {self.run_id}"
+
+
+class ToolCall(models.Model):
+    """One call of a tool by a step. The idempotency key (run, step, call index) is unique, so a
+    redelivered step finds the call it already made instead of making it again."""
+
+    PROPOSED, AWAITING_APPROVAL, APPROVED, REJECTED = (
+        "proposed", "awaiting_approval", "approved", "rejected",
+    )
+    SUCCEEDED, FAILED = "succeeded", "failed"
+    STATUSES = [
+        (PROPOSED, "Proposed"), (AWAITING_APPROVAL, "Awaiting approval"),
+        (APPROVED, "Approved"), (REJECTED, "Rejected"), (SUCCEEDED, "Succeeded"),
+        (FAILED, "Failed"),
+    ]
+
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="tool_call_records")
+    epoch = models.PositiveIntegerField(default=0)
+    call_index = models.PositiveIntegerField()
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    tool = models.CharField(max_length=120)
+    llm_call_id = models.CharField(max_length=200, blank=True)
+    arguments = models.JSONField(default=dict)
+    approved_arguments = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=20, choices=STATUSES, default=PROPOSED)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    decision_note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["step", "call_index"]
+
+
+class RunEvent(models.Model):
+    """Append-only log of everything that happened to a run; the live dashboard is a view of it."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveBigIntegerField()
+    kind = models.CharField(max_length=60)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="unique_event_seq")]
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValueError("Run events are append-only.")
+        super().save(*args, **kwargs)
+
+
+class UsageRecord(models.Model):
+    """One LLM call: its usage, its price and the response, so a redelivered step replays the
+    call from here instead of paying for it again."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="usage")
+    step = models.ForeignKey(Step, null=True, on_delete=models.CASCADE, related_name="usage")
+    epoch = models.PositiveIntegerField(default=0)
+    call_index = models.PositiveIntegerField(default=0)
+    workflow = models.ForeignKey(
+        "teams.Workflow", null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    agent = models.ForeignKey("teams.Agent", null=True, on_delete=models.SET_NULL, related_name="+")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    model = models.CharField(max_length=200)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=ZERO)
+    price = models.ForeignKey(
+        "ModelPrice", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage"
+    )
+    price_source = models.CharField(max_length=40, blank=True)
+    response = models.JSONField(default=dict)
+    latency_ms = models.PositiveIntegerField(default=0)
+    at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["step", "epoch", "call_index"], name="unique_llm_call_per_step"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["workflow", "at"]),
+            models.Index(fields=["agent", "at"]),
+            models.Index(fields=["model", "at"]),
+            models.Index(fields=["user", "at"]),
+        ]
+
+
+class ModelPrice(models.Model):
+    """Price of a model per 1M tokens from `effective_from` on: the newest row not after a call's
+    time prices it."""
+
+    SOURCES = [("litellm", "LiteLLM price map"), ("manual", "Entered by an admin")]
+
+    model = models.CharField(max_length=200)
+    input_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=ZERO)
+    output_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=ZERO)
+    cached_input_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=ZERO)
+    effective_from = models.DateTimeField()
+    source = models.CharField(max_length=16, choices=SOURCES, default="manual")
+
+    class Meta:
+        ordering = ["model", "-effective_from"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "effective_from"], name="unique_price_start")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from:%Y-%m-%d}"
+
+
+class ToolHealth(models.Model):
+    """Circuit breaker state of a tool across runs."""
+
+    tool = models.CharField(max_length=120, unique=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    open_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+
+class Switch(models.Model):
+    """Global switches. `stop_everything` pauses every active run and blocks new steps."""
+
+    name = models.CharField(max_length=60, unique=True)
+    on = models.BooleanField(default=False)
+    changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    changed_at = models.DateTimeField(auto_now=True)

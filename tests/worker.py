@@ -1,0 +1,107 @@
+"""A real Celery worker process for integration tests.
+
+The worker runs `tests.settings` with BATON_TEST_WORKER=1, so it opens the test database that
+pytest-django created and the same Redis prefix as the suite. Tests that use it need committed
+data: mark them `transactional_db` (or use `live_server`).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    def __init__(self, name: str = "w1", concurrency: int = 8, extra_env: dict | None = None):
+        self.name = name
+        self.concurrency = concurrency
+        self.extra_env = extra_env or {}
+        self.log_path = Path(settings.VAR_DIR) / f"test-{settings.TEST_ID}-{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")
+        start_at = self.log_path.stat().st_size
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "BATON_TEST_WORKER": "1",
+            **self.extra_env,
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker",
+                "--pool", "threads", "--concurrency", str(self.concurrency),
+                "--hostname", f"{self.name}-{settings.TEST_ID}@%h",
+                "--queues", settings.CELERY_TASK_DEFAULT_QUEUE,
+                "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            ],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early; see {self.log_path}")
+            with open(self.log_path) as f:
+                f.seek(start_at)
+                if " ready." in f.read():
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"worker not ready within {timeout_s}s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine would: no acks, no cleanup."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def _session_worker(django_db_setup, django_db_blocker):
+    worker = WorkerProcess("session").start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def celery_worker(_session_worker, transactional_db):
+    """A running worker that sees this test's committed rows."""
+    if _session_worker.process.poll() is not None:
+        _session_worker.start()
+    return _session_worker
+
+
+@pytest.fixture
+def worker_factory(django_db_setup, transactional_db):
+    """Start extra workers (e.g. to SIGKILL one); all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str, **kwargs) -> WorkerProcess:
+        worker = WorkerProcess(name, **kwargs).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
