@@ -34,6 +34,8 @@ def start(socket_path: Path, timeout_s: float = 10.0) -> subprocess.Popen:
             "--dir", str(socket_path.parent), "--loglevel", "warning",
         ],
         stdin=subprocess.DEVNULL,
+        stdout=open(socket_path.with_suffix(".log"), "ab"),
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -1,0 +1,437 @@
+"""What a node may do while its step runs: call an LLM, call a tool, ask a human.
+
+Every LLM call and tool call of a step is recorded under a call index before the step moves on.
+A step that runs again (a redelivered task, a retry after a transient error, a resume after an
+approval) replays the recorded calls in the same order instead of paying for them or acting twice.
+Nothing here holds a transaction open across an LLM or tool call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+import jsonschema
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from runs import events, hooks, llm, pricing
+from runs.models import Run, Step, ToolCall, ToolHealth, UsageRecord
+from teams import tools as tool_registry
+from teams.models import Agent, Tool
+
+
+class StepInterrupt(Exception):
+    """Stops a step's node function; the engine decides what happens next."""
+
+
+class WaitingForHuman(StepInterrupt):
+    """An approval was requested; the step waits until it is decided."""
+
+
+class Cancelled(StepInterrupt):
+    pass
+
+
+class LeaseLost(StepInterrupt):
+    """Another worker owns this step now (our lease ran out); drop our work."""
+
+
+class BudgetExceeded(StepInterrupt):
+    def __init__(self, message: str, limit: str, suggested_raise: Decimal | None = None):
+        super().__init__(message)
+        self.message = message
+        self.limit = limit
+        self.suggested_raise = suggested_raise
+
+
+class StepFailed(StepInterrupt):
+    """The node cannot produce an output. kind: transient, semantic or permanent."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class ApprovalRejected(StepInterrupt):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+def lookup(state: dict, path: str):
+    value = state
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
+def render(template: str, state: dict) -> str:
+    """Fill `{key}` / `{key.sub}` placeholders from the run state; unknown ones stay as they are."""
+
+    def fill(match: re.Match) -> str:
+        try:
+            value = lookup(state, match.group(1))
+        except KeyError:
+            return match.group(0)
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, ensure_ascii=False, indent=1)
+
+    return _PLACEHOLDER.sub(fill, template or "")
+
+
+def render_value(value, state: dict):
+    """Templates inside a JSON value (tool arguments, subworkflow input)."""
+    if isinstance(value, str):
+        match = _PLACEHOLDER.fullmatch(value)
+        if match:  # a lone placeholder keeps the value's type
+            try:
+                return lookup(state, match.group(1))
+            except KeyError:
+                return value
+        return render(value, state)
+    if isinstance(value, dict):
+        return {k: render_value(v, state) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render_value(v, state) for v in value]
+    return value
+
+
+@dataclass
+class LLMReply:
+    text: str
+    tool_calls: list[dict]
+    model: str
+    replayed: bool
+
+
+class StepContext:
+    """Per-execution helper handed to a node function."""
+
+    def __init__(self, step: Step, run: Run, node: dict, spec: dict):
+        self.step = step
+        self.run = run
+        self.node = node
+        self.spec = spec
+        self.state = run.state
+        self._llm_index = 0
+        self._tool_index = 0
+        self._last_stream = 0.0
+        self.messages_log: list[dict] = []
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Cancellation is a flag checked before every LLM and tool call."""
+        row = (
+            Step.objects.filter(pk=self.step.pk)
+            .values("status", "attempt", "run__cancel_requested", "run__status")
+            .first()
+        )
+        if row is None or row["run__cancel_requested"] or row["run__status"] == Run.CANCELLED:
+            raise Cancelled("run cancelled")
+        if row["status"] != Step.RUNNING or row["attempt"] != self.step.attempt:
+            raise LeaseLost("step taken over by another worker")
+
+    # --- LLM --------------------------------------------------------------------------------
+
+    def llm(self, agent: Agent, messages: list[dict], *, tools: list[dict] | None = None,
+            stream: bool = True) -> LLMReply:
+        """One durable LLM call: replayed from its UsageRecord when it was already made."""
+        index = self._llm_index
+        self._llm_index += 1
+        self.messages_log = messages
+        recorded = UsageRecord.objects.filter(
+            step=self.step, epoch=self.step.epoch, call_index=index
+        ).first()
+        if recorded is not None:
+            return LLMReply(recorded.response.get("text", ""),
+                            recorded.response.get("tool_calls", []), recorded.model, True)
+
+        self.check_alive()
+        model = self.current_model(agent)
+        estimate_tokens = llm.estimate_tokens(messages, tools) + agent.max_tokens
+        estimate_cost = self._reserve_budget(model, estimate_tokens, agent.max_tokens)
+        try:
+            result = llm.complete(
+                model, messages, tools=tools, temperature=agent.temperature,
+                max_tokens=agent.max_tokens, timeout=agent.timeout_s,
+                api_base=agent.api_base or None,
+                on_text=self._streamer() if stream else None,
+            )
+        except BaseException:
+            Run.objects.filter(pk=self.run.pk).update(
+                reserved_cost=F("reserved_cost") - estimate_cost,
+                reserved_tokens=F("reserved_tokens") - estimate_tokens,
+            )
+            raise
+        self._record_call(agent, index, result, estimate_cost, estimate_tokens)
+        return LLMReply(result.text, result.tool_calls, result.model, False)
+
+    def current_model(self, agent: Agent) -> str:
+        override = (self.run.overrides.get(self.node["id"]) or {}).get("model")
+        models = [override or agent.model, *agent.fallback_models]
+        index = min(self.step.input.get("fallback_index", 0), len(models) - 1)
+        return models[index]
+
+    def _streamer(self):
+        throttle = settings.BATON_STREAM_THROTTLE_MS / 1000
+
+        def on_text(text: str) -> None:
+            now = time.monotonic()
+            if now - self._last_stream >= throttle:
+                self._last_stream = now
+                events.publish_tokens(self.run.pk, self.step.pk, text)
+
+        return on_text
+
+    def _reserve_budget(self, model: str, estimate_tokens: int, max_completion: int) -> Decimal:
+        """Check every budget before the call and set its estimate aside (compare-and-swap on
+        the run row), so parallel branches together overrun a budget by at most one call."""
+        budget = self.run.budget or {}
+        now = timezone.now()
+        prompt_estimate = max(estimate_tokens - max_completion, 0)
+        estimate_cost, _, _ = pricing.compute_cost(model, prompt_estimate, max_completion, 0, now)
+        estimate_cost = Decimal(estimate_cost)
+
+        wall = budget.get("max_wall_s")
+        if wall and self.run.started_at and (now - self.run.started_at).total_seconds() > wall:
+            raise BudgetExceeded(f"run wall-clock limit of {wall}s reached", "max_wall_s")
+        step_limit = budget.get("max_step_tokens")
+        if step_limit and self.step.total_tokens + estimate_tokens > step_limit:
+            raise BudgetExceeded(
+                f"step token limit {step_limit} would be exceeded: {self.step.total_tokens} used "
+                f"+ ~{estimate_tokens} estimated", "max_step_tokens")
+
+        condition = Q()
+        max_tokens = budget.get("max_tokens")
+        if max_tokens:
+            condition &= Q(total_tokens__lte=max_tokens - estimate_tokens - F("reserved_tokens"))
+        max_cost = budget.get("max_cost")
+        if max_cost not in (None, ""):
+            condition &= Q(cost__lte=Decimal(max_cost) - estimate_cost - F("reserved_cost"))
+        updated = Run.objects.filter(condition, pk=self.run.pk).update(
+            reserved_cost=F("reserved_cost") + estimate_cost,
+            reserved_tokens=F("reserved_tokens") + estimate_tokens,
+        )
+        if not updated:
+            run = Run.objects.get(pk=self.run.pk)
+            if max_tokens and run.total_tokens + run.reserved_tokens + estimate_tokens > max_tokens:
+                raise BudgetExceeded(
+                    f"run token budget {max_tokens} would be exceeded: {run.total_tokens} used "
+                    f"+ ~{estimate_tokens} estimated", "max_tokens",
+                    suggested_raise=Decimal(max(max_tokens // 2, estimate_tokens * 2)))
+            raise BudgetExceeded(
+                f"run cost budget ${Decimal(max_cost):.4f} would be exceeded: ${run.cost:.6f} spent "
+                f"+ ~${estimate_cost:.6f} estimated for this call", "max_cost",
+                suggested_raise=max(Decimal(max_cost) / 2, estimate_cost * 4).quantize(
+                    Decimal("0.0001")))
+        try:
+            from runs import costs
+
+            breach = costs.cap_breach(self.run.workflow, estimate_cost)
+        except ImportError:
+            breach = None
+        if breach:
+            Run.objects.filter(pk=self.run.pk).update(
+                reserved_cost=F("reserved_cost") - estimate_cost,
+                reserved_tokens=F("reserved_tokens") - estimate_tokens,
+            )
+            raise BudgetExceeded(breach, "spend_cap")
+        return estimate_cost
+
+    def _record_call(self, agent: Agent, index: int, result, estimate_cost: Decimal,
+                     estimate_tokens: int) -> None:
+        now = timezone.now()
+        cost, price, source = pricing.compute_cost(
+            result.model, result.prompt_tokens, result.completion_tokens, result.cached_tokens, now
+        )
+        with transaction.atomic():
+            UsageRecord.objects.create(
+                run=self.run, step=self.step, epoch=self.step.epoch, call_index=index,
+                workflow_id=self.run.workflow_id, agent=agent, user_id=self.run.started_by_id,
+                model=result.model, prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens, cached_tokens=result.cached_tokens,
+                total_tokens=result.total_tokens, cost=cost, price=price, price_source=source,
+                response={"text": result.text, "tool_calls": result.tool_calls},
+                latency_ms=result.latency_ms, at=now,
+            )
+            Step.objects.filter(pk=self.step.pk).update(
+                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
+                completion_tokens=F("completion_tokens") + result.completion_tokens,
+                total_tokens=F("total_tokens") + result.total_tokens,
+                cost=F("cost") + cost,
+                latency_ms=F("latency_ms") + result.latency_ms,
+                model=result.model[:200],
+            )
+            Run.objects.filter(pk=self.run.pk).update(
+                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
+                completion_tokens=F("completion_tokens") + result.completion_tokens,
+                total_tokens=F("total_tokens") + result.total_tokens,
+                cost=F("cost") + cost,
+                reserved_cost=F("reserved_cost") - estimate_cost,
+                reserved_tokens=F("reserved_tokens") - estimate_tokens,
+            )
+            totals = Run.objects.values("total_tokens", "cost").get(pk=self.run.pk)
+            events.append_event(self.run.pk, "llm.called", {
+                "step_id": self.step.pk, "node_id": self.step.node_id, "model": result.model,
+                "tokens": result.total_tokens, "cost": str(cost), "latency_ms": result.latency_ms,
+            })
+            events.append_event(self.run.pk, "run.totals", {
+                "tokens": totals["total_tokens"], "cost": str(totals["cost"]),
+            })
+        self.step.total_tokens += result.total_tokens
+
+    # --- tools ------------------------------------------------------------------------------
+
+    def call_tool(self, tool: Tool, arguments: dict, llm_call_id: str = "") -> dict:
+        """Call a tool at most once per (run, step, call index); ask first when it needs approval.
+
+        Returns {"result": ...} or {"error": ...}; raises WaitingForHuman or ApprovalRejected.
+        """
+        index = self._tool_index
+        self._tool_index += 1
+        key = f"run{self.run.pk}-step{self.step.pk}-e{self.step.epoch}-call{index}"
+        try:
+            call, _ = ToolCall.objects.get_or_create(
+                idempotency_key=key,
+                defaults={"step": self.step, "epoch": self.step.epoch, "call_index": index,
+                          "tool": tool.name, "arguments": arguments, "llm_call_id": llm_call_id},
+            )
+        except IntegrityError:
+            call = ToolCall.objects.get(idempotency_key=key)
+        if call.status == ToolCall.SUCCEEDED:
+            return {"result": call.result}
+        if call.status == ToolCall.FAILED:
+            return {"error": call.error}
+        if call.status == ToolCall.REJECTED:
+            raise ApprovalRejected(call.decision_note or "rejected by a human")
+        if call.status == ToolCall.AWAITING_APPROVAL:
+            raise WaitingForHuman(f"tool {tool.name} awaits approval")
+
+        self.check_alive()
+        if tool.requires_approval and call.status == ToolCall.PROPOSED:
+            self._ask_tool_approval(tool, call)
+        return self._run_tool(tool, call)
+
+    def _ask_tool_approval(self, tool: Tool, call: ToolCall) -> None:
+        with transaction.atomic():
+            updated = ToolCall.objects.filter(pk=call.pk, status=ToolCall.PROPOSED).update(
+                status=ToolCall.AWAITING_APPROVAL
+            )
+            if updated:
+                hooks.request_approval(
+                    run=self.run, step=self.step, kind="tool_call", tool_call=call,
+                    title=f"Call {tool.name}", payload={"tool": tool.name,
+                                                         "arguments": call.arguments},
+                    context=self.approval_context(), due_in_s=self.node.get("due_in_s"),
+                    default_outcome=self.node.get("default_outcome", "reject"),
+                    approver_group=tool.approver_group,
+                )
+        raise WaitingForHuman(f"tool {tool.name} awaits approval")
+
+    def _run_tool(self, tool: Tool, call: ToolCall) -> dict:
+        arguments = call.approved_arguments if call.approved_arguments is not None else (
+            call.arguments)
+        error = self._tool_refusal(tool, arguments)
+        result = None
+        if error is None:
+            try:
+                result = tool_registry.call(
+                    tool.entrypoint, arguments,
+                    tool_registry.ToolContext(self.run.pk, self.step.pk, call.idempotency_key),
+                )
+                json.dumps(result)
+            except Exception as exc:  # a tool's failure is data for the agent, not a crash
+                error = f"{type(exc).__name__}: {exc}"
+                _record_tool_health(tool.name, error)
+            else:
+                _record_tool_health(tool.name, None)
+        with transaction.atomic():
+            ToolCall.objects.filter(pk=call.pk).update(
+                status=ToolCall.FAILED if error else ToolCall.SUCCEEDED,
+                result=result, error=error or "", finished_at=timezone.now(),
+            )
+            events.append_event(self.run.pk, "tool.called", {
+                "step_id": self.step.pk, "node_id": self.step.node_id, "tool": tool.name,
+                "arguments": arguments, "result": result, "error": error,
+            })
+        return {"error": error} if error else {"result": result}
+
+    def _tool_refusal(self, tool: Tool, arguments) -> str | None:
+        health = ToolHealth.objects.filter(tool=tool.name).first()
+        if health and health.open_until and health.open_until > timezone.now():
+            return (f"circuit open: tool {tool.name} failed {health.consecutive_failures} times "
+                    f"in a row (last: {health.last_error}); calls fail fast until "
+                    f"{health.open_until:%H:%M:%S} UTC")
+        if tool.entrypoint not in tool_registry.REGISTRY:
+            return f"tool entrypoint {tool.entrypoint!r} is not in the registry"
+        try:
+            jsonschema.validate(arguments, tool.args_schema or {"type": "object"})
+        except jsonschema.ValidationError as exc:
+            return f"invalid arguments for {tool.name}: {exc.message}"
+        return None
+
+    # --- humans -----------------------------------------------------------------------------
+
+    def ask_human(self, kind: str, title: str, payload: dict) -> None:
+        """Open one approval request for this step (a replay finds it already open)."""
+        with transaction.atomic():
+            locked = Step.objects.select_for_update().get(pk=self.step.pk)
+            if locked.input.get("approval_open"):
+                return
+            hooks.request_approval(
+                run=self.run, step=self.step, kind=kind, title=title, payload=payload,
+                context=self.approval_context(), tool_call=None,
+                due_in_s=self.node.get("due_in_s"),
+                default_outcome=self.node.get("default_outcome", "reject"),
+                approver_group=None,
+            )
+            locked.input = {**locked.input, "approval_open": True}
+            locked.save(update_fields=["input"])
+        self.step.input["approval_open"] = True
+
+    def approval_context(self) -> dict:
+        """What a human needs to decide: the outputs that came before this step."""
+        previous = (
+            Step.objects.filter(run=self.run, status=Step.SUCCEEDED)
+            .exclude(pk=self.step.pk).order_by("-finished_at")[:5]
+        )
+        return {
+            "node": self.node["id"],
+            "previous_outputs": [
+                {"node": s.node_id, "output": s.output_text[:4000]} for s in previous
+            ],
+        }
+
+
+def _record_tool_health(tool_name: str, error: str | None) -> None:
+    """Count consecutive failures across runs; open the breaker past the threshold."""
+    if error is None:
+        ToolHealth.objects.filter(tool=tool_name).update(consecutive_failures=0, open_until=None)
+        return
+    health, _ = ToolHealth.objects.get_or_create(tool=tool_name)
+    ToolHealth.objects.filter(pk=health.pk).update(
+        consecutive_failures=F("consecutive_failures") + 1, last_error=error[:2000]
+    )
+    health.refresh_from_db()
+    if health.consecutive_failures >= settings.BATON_TOOL_BREAKER_FAILURES:
+        ToolHealth.objects.filter(pk=health.pk).update(
+            open_until=timezone.now() + timedelta(seconds=settings.BATON_TOOL_BREAKER_COOLDOWN_S)
+        )

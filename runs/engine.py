@@ -1,0 +1,916 @@
+"""The engine: starts runs, executes one step per Celery task, advances the graph, and applies
+controls and human decisions. The database is the truth; a Celery message is only a doorbell.
+
+A step's life:
+1. `_create_step` inserts it (pending) and rings the doorbell after commit.
+2. `execute_step` claims it with a compare-and-swap (pending, or running with an expired lease),
+   keeps the lease alive from a heartbeat thread, and runs the node function (runs/nodes.py)
+   with no transaction open. LLM and tool calls are recorded as they happen (runs/context.py).
+3. The outcome is saved with a compare-and-swap on (status=running, attempt=ours), so a worker
+   that lost its lease can never overwrite a newer attempt.
+4. `_advance` then runs under the run's row lock: it follows the node's edges, creates the next
+   steps, counts join arrivals, and finishes the run when nothing is left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from datetime import timedelta
+from decimal import Decimal
+
+import jsonschema
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import close_old_connections, connection, transaction
+from django.db.models import F, Max, Q
+from django.utils import timezone
+
+from runs import events, nodes
+from runs.context import (
+    ApprovalRejected, BudgetExceeded, Cancelled, LeaseLost, StepContext, StepFailed,
+    WaitingForHuman,
+)
+from runs.llm import LLMError
+from runs.models import Run, Step, Switch, ToolCall
+from teams.models import WorkflowVersion
+from teams.spec import entry_node, node_map
+
+log = logging.getLogger(__name__)
+
+STOP_EVERYTHING = "stop_everything"
+
+
+class RunInputError(ValidationError):
+    """The run's input does not fit the workflow's input schema (or is too large)."""
+
+
+class RunControlError(Exception):
+    """A control (cancel, pause, ...) that does not apply to the run in its current state."""
+
+
+# --- starting -------------------------------------------------------------------------------
+
+def validate_input(spec: dict, data) -> dict:
+    if not isinstance(data, dict):
+        raise RunInputError("The input must be a JSON object.")
+    size = len(json.dumps(data))
+    if size > settings.BATON_MAX_INPUT_BYTES:
+        raise RunInputError(
+            f"The input is {size} bytes; the limit is {settings.BATON_MAX_INPUT_BYTES} bytes."
+        )
+    schema = spec.get("input_schema") or {"type": "object"}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
+                    key=lambda e: list(e.path))
+    if errors:
+        raise RunInputError([
+            (f"{'.'.join(str(p) for p in e.path)}: {e.message}" if e.path else e.message)
+            for e in errors
+        ])
+    return data
+
+
+def start_run(version: WorkflowVersion, input: dict, user, *, budget: dict | None = None,
+              overrides: dict | None = None, parent_step: Step | None = None) -> Run:
+    """Create a run of a published version and its first step in one transaction."""
+    spec = version.get_spec()
+    data = validate_input(spec, input)
+    workflow = version.workflow
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow=workflow, version=version, input=data, state=dict(data),
+            started_by=user if user is not None and user.is_authenticated else None,
+            budget={**workflow.run_budget(), **(budget or {})}, overrides=overrides or {},
+            parent=parent_step.run if parent_step else None, parent_step=parent_step,
+            status=Run.PAUSED if stop_everything_on() else Run.QUEUED,
+        )
+        events.append_event(run.pk, "run.created", {"status": run.status,
+                                                    "workflow": workflow.slug,
+                                                    "version": version.number})
+        _create_step(run, spec, entry_node(spec), branches=[])
+    return run
+
+
+def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | None:
+    """Insert the next iteration of a node (pending) and ring the doorbell after commit."""
+    node = node_map(spec)[node_id]
+    max_steps = (run.budget or {}).get("max_steps")
+    if max_steps and run.step_count >= max_steps:
+        _finish_run(run, Run.BUDGET_EXCEEDED, f"max steps per run ({max_steps}) reached")
+        return None
+    iteration = Step.objects.filter(run=run, node_id=node_id).aggregate(n=Max("iteration"))["n"]
+    step = Step.objects.create(
+        run=run, node_id=node_id, kind=node["kind"],
+        iteration=0 if iteration is None else iteration + 1, branches=branches,
+    )
+    run.step_count += 1
+    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
+    events.append_event(run.pk, "step.created", _step_payload(step))
+    if run.status not in (Run.PAUSED,):
+        _enqueue(step.pk)
+    return step
+
+
+def _enqueue(step_id: int, countdown: float | None = None) -> None:
+    from runs.tasks import execute_step_task
+
+    transaction.on_commit(
+        lambda: execute_step_task.apply_async((step_id,), countdown=countdown)
+    )
+
+
+def _step_payload(step: Step, **extra) -> dict:
+    return {"step_id": step.pk, "node_id": step.node_id, "kind": step.kind,
+            "iteration": step.iteration, "status": step.status, **extra}
+
+
+# --- executing ------------------------------------------------------------------------------
+
+def execute_step(step_id: int) -> None:
+    """Claim one step, run its node, save the outcome, advance the run. Safe to call twice."""
+    step = _claim(step_id)
+    if step is None:
+        return
+    run = step.run
+    spec = run.version.get_spec()
+    node = node_map(spec)[step.node_id]
+    ctx = StepContext(step, run, node, spec)
+    heartbeat = _Heartbeat(step)
+    heartbeat.start()
+    try:
+        try:
+            text, output = nodes.EXECUTORS[node["kind"]](ctx)
+        finally:
+            heartbeat.stop()
+    except WaitingForHuman as waiting:
+        _save_waiting(ctx, str(waiting))
+    except Cancelled:
+        _save_outcome(ctx, Step.CANCELLED, error="run cancelled")
+    except LeaseLost:
+        log.info("step %s: lease lost, dropping this attempt", step_id)
+    except ApprovalRejected as rejected:
+        _after_rejection(ctx, rejected.reason)
+    except BudgetExceeded as breach:
+        _after_budget_breach(ctx, breach)
+    except StepFailed as failure:
+        _after_failure(ctx, failure.kind, failure.message)
+    except LLMError as error:
+        if error.transient:
+            _retry_or_fail(ctx, error.message)
+        else:
+            _after_failure(ctx, "permanent", error.message)
+    except Exception as exc:  # a bug or a provider surprise: fail visibly, keep the worker
+        log.exception("step %s crashed", step_id)
+        _after_failure(ctx, "permanent", f"{type(exc).__name__}: {exc}")
+    else:
+        _after_success(ctx, text, output)
+
+
+def _claim(step_id: int) -> Step | None:
+    """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
+    now = timezone.now()
+    step = Step.objects.filter(pk=step_id).select_related("run").first()
+    if step is None:
+        return None
+    run = step.run
+    if run.status in Run.TERMINAL:
+        Step.objects.filter(pk=step_id, status=Step.PENDING).update(status=Step.CANCELLED)
+        return None
+    if run.status == Run.PAUSED or stop_everything_on():
+        return None  # resume rings the doorbell again
+    if step.not_before and step.not_before > now:
+        _enqueue_now(step_id, (step.not_before - now).total_seconds())
+        return None
+    claimable = Q(status=Step.PENDING) | Q(status=Step.RUNNING, lease_until__lt=now)
+    lease = now + timedelta(seconds=settings.BATON_STEP_LEASE_S)
+    with transaction.atomic():
+        claimed = Step.objects.filter(claimable, pk=step_id).update(
+            status=Step.RUNNING, attempt=F("attempt") + 1, lease_until=lease,
+            started_at=now if step.started_at is None else step.started_at,
+        )
+        if not claimed:
+            return None
+        step.refresh_from_db()
+        if run.status == Run.QUEUED:
+            Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
+                status=Run.RUNNING, started_at=now)
+            events.append_event(run.pk, "run.status", {"status": Run.RUNNING})
+        events.append_event(run.pk, "step.started", _step_payload(step, attempt=step.attempt))
+    step.run = Run.objects.select_related("workflow", "version").get(pk=run.pk)
+    return step
+
+
+def _enqueue_now(step_id: int, countdown: float | None = None) -> None:
+    from runs.tasks import execute_step_task
+
+    execute_step_task.apply_async((step_id,), countdown=countdown)
+
+
+class _Heartbeat:
+    """Renews a running step's lease every third of its length, from its own thread."""
+
+    def __init__(self, step: Step):
+        self.step_id = step.pk
+        self.attempt = step.attempt
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        lease = settings.BATON_STEP_LEASE_S
+        try:
+            while not self._stop.wait(lease / 3):
+                Step.objects.filter(
+                    pk=self.step_id, status=Step.RUNNING, attempt=self.attempt
+                ).update(lease_until=timezone.now() + timedelta(seconds=lease))
+        except Exception:
+            log.warning("heartbeat of step %s failed", self.step_id, exc_info=True)
+        finally:
+            connection.close()
+
+
+def _mine(ctx: StepContext):
+    return Step.objects.filter(pk=ctx.step.pk, status=Step.RUNNING, attempt=ctx.step.attempt)
+
+
+def _step_fields(ctx: StepContext) -> dict:
+    data = dict(ctx.step.input)
+    if ctx.messages_log:
+        data["messages"] = ctx.messages_log
+    return {
+        "input": data,
+        "tool_calls": [
+            {"tool": c.tool, "arguments": c.approved_arguments or c.arguments,
+             "proposed_arguments": c.arguments, "result": c.result, "error": c.error,
+             "status": c.status}
+            for c in ToolCall.objects.filter(step=ctx.step).order_by("epoch", "call_index")
+        ],
+        "agent": ctx.step.agent,
+    }
+
+
+def _save_outcome(ctx: StepContext, status: str, *, text: str = "", output=None,
+                  error_kind: str = "", error: str = "") -> bool:
+    fields = _step_fields(ctx)
+    updated = _mine(ctx).update(
+        status=status, output_text=text, output=output, error_kind=error_kind, error=error,
+        finished_at=timezone.now(), lease_until=None, **fields,
+    )
+    if updated:
+        ctx.step.status = status
+        kind = {"succeeded": "step.finished", "failed": "step.failed",
+                "cancelled": "step.cancelled"}.get(status, "step.finished")
+        events.append_event(ctx.run.pk, kind, _step_payload(ctx.step, error=error))
+    return bool(updated)
+
+
+def _save_waiting(ctx: StepContext, reason: str) -> None:
+    with transaction.atomic():
+        if not _mine(ctx).update(status=Step.WAITING, lease_until=None, **_step_fields(ctx)):
+            return
+        ctx.step.status = Step.WAITING
+        events.append_event(ctx.run.pk, "step.waiting", _step_payload(ctx.step, reason=reason))
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        if run.status in Run.ACTIVE:
+            blocked = "sub-workflow" if ctx.step.kind == "subworkflow" else "approval"
+            _set_status(run, Run.WAITING_APPROVAL if blocked == "approval" else run.status,
+                        blocked_on=f"{blocked}: {reason}"[:200])
+
+
+def _after_success(ctx: StepContext, text: str, output) -> None:
+    with transaction.atomic():
+        if not _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
+            return
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        key = ctx.node.get("output_key") or ctx.node["id"]
+        if ctx.node["kind"] != "parallel":
+            run.state = {**run.state, key: output}
+            run.save(update_fields=["state", "updated_at"])
+        _advance(run, ctx.spec, ctx.step, outcome="success")
+
+
+def _retry_or_fail(ctx: StepContext, message: str) -> None:
+    """Transient failure: retry with exponential backoff and jitter, bounded per agent; then
+    the next fallback model; then a failed step."""
+    step = ctx.step
+    agent = step.agent
+    max_retries = agent.max_retries if agent else settings.BATON_DEFAULT_MAX_RETRIES
+    model = ctx.current_model(agent) if agent else ""
+    attempts = [*step.attempts, {"attempt": step.attempt, "error_kind": "transient",
+                                 "error": message[:2000], "model": model,
+                                 "at": timezone.now().isoformat()}]
+    on_this_model = sum(1 for a in attempts if a.get("model") == model)
+    data = dict(step.input)
+    if on_this_model >= max_retries + 1:
+        fallbacks = agent.fallback_models if agent else []
+        index = data.get("fallback_index", 0)
+        if index >= len(fallbacks):
+            Step.objects.filter(pk=step.pk).update(attempts=attempts)
+            ctx.step.attempts = attempts
+            _after_failure(ctx, "transient",
+                           f"gave up after {on_this_model} attempts on {model}: {message}")
+            return
+        data["fallback_index"] = index + 1
+        on_this_model = 0
+    delay = settings.BATON_RETRY_BACKOFF_S * (2 ** max(on_this_model - 1, 0))
+    delay = delay * (0.5 + random.random())  # jitter: don't retry in lockstep
+    with transaction.atomic():
+        if not _mine(ctx).update(
+            status=Step.PENDING, attempts=attempts, input=data, lease_until=None,
+            not_before=timezone.now() + timedelta(seconds=delay),
+            agent=agent,
+        ):
+            return
+        events.append_event(ctx.run.pk, "step.retrying", _step_payload(
+            ctx.step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)))
+        _enqueue(step.pk, countdown=delay)
+
+
+def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
+    """A failed step: its failure edge; else an escalation (semantic); else the branch's join
+    policy; else the run fails with the reason."""
+    failure_edges = [e for e in ctx.spec["edges"]
+                     if e["source"] == ctx.node["id"] and e.get("on") == "failure"]
+    attempts = [*ctx.step.attempts, {"attempt": ctx.step.attempt, "error_kind": kind,
+                                     "error": message[:2000], "at": timezone.now().isoformat()}]
+    ctx.step.attempts = attempts
+    if (kind == "semantic" and not failure_edges and ctx.node.get("escalate", True)
+            and ctx.node["kind"] == "agent"):
+        Step.objects.filter(pk=ctx.step.pk).update(attempts=attempts)
+        last = ctx.messages_log[-1]["content"] if ctx.messages_log else ""
+        try:
+            ctx.ask_human("escalation", f"Output of {ctx.node['id']} needs a human: {message}"[:300],
+                          {"output": last, "error": message})
+        except RuntimeError:
+            pass  # no approvals app: the run fails below
+        else:
+            _save_waiting(ctx, message)
+            return
+    with transaction.atomic():
+        Step.objects.filter(pk=ctx.step.pk).update(attempts=attempts)
+        if not _save_outcome(ctx, Step.FAILED, error_kind=kind, error=message):
+            return
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        if kind == "permanent":
+            _finish_run(run, Run.FAILED, f"{ctx.node['id']}: {message}")
+            return
+        _advance(run, ctx.spec, ctx.step, outcome="failure", error=message)
+
+
+def _after_rejection(ctx: StepContext, reason: str) -> None:
+    with transaction.atomic():
+        if not _save_outcome(ctx, Step.SUCCEEDED, text=f"rejected: {reason}",
+                             output={"approved": False, "reason": reason}):
+            return
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        _advance(run, ctx.spec, ctx.step, outcome="rejected", error=reason)
+
+
+def _after_budget_breach(ctx: StepContext, breach: BudgetExceeded) -> None:
+    policy = (ctx.run.budget or {}).get("policy", "stop")
+    if policy == "ask" and breach.suggested_raise is not None and not ctx.step.input.get(
+            "budget_asked"):
+        ctx.step.input["budget_asked"] = True
+        try:
+            ctx.ask_human("budget", f"Raise the {breach.limit} budget of run {ctx.run.pk}?", {
+                "limit": breach.limit, "raise_by": str(breach.suggested_raise),
+                "message": breach.message, "budget": ctx.run.budget,
+            })
+        except RuntimeError:
+            pass
+        else:
+            _save_waiting(ctx, breach.message)
+            return
+    with transaction.atomic():
+        if not _save_outcome(ctx, Step.FAILED, error_kind="permanent", error=breach.message):
+            return
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        _finish_run(run, Run.BUDGET_EXCEEDED, breach.message)
+
+
+# --- advancing ------------------------------------------------------------------------------
+
+def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "") -> None:
+    """Follow the edges out of a finished step. Call inside a transaction holding the run row.
+
+    1. Pick the edges: a router's chosen edge; every matching success edge (loop edges only
+       while under their bound); failure or rejection edges.
+    2. A target that is a join records an arrival; any other target gets a new step. Leaving a
+       parallel node opens a branch frame on the new steps; arriving at a join closes it.
+    3. A failure with no edge: the enclosing join's policy decides, else the run fails.
+    4. When nothing is pending, running or waiting, the run is over.
+    """
+    if run.status in Run.TERMINAL:
+        return
+    node = node_map(spec)[step.node_id]
+    outgoing = [e for e in spec["edges"] if e["source"] == step.node_id]
+    if outcome == "success":
+        state = {**run.state, "input": run.input}
+        candidates = [e for e in outgoing if e.get("on", "success") == "success"]
+        if node["kind"] == "router":
+            target = (step.output or {}).get("target")
+            chosen = [e for e in candidates if e["target"] == target][:1]
+        else:
+            chosen = [e for e in candidates if nodes.condition_holds(e.get("condition"), state)]
+    else:
+        chosen = [e for e in outgoing if e.get("on") == ("failure" if outcome == "failure"
+                                                          else "rejected")]
+        if not chosen:
+            if outcome == "rejected":
+                _finish_run(run, Run.FAILED, f"{step.node_id} rejected: {error}")
+                return
+            if step.branches and _arrive_failed_branch(run, spec, step, error):
+                _finish_if_idle(run, spec)
+                return
+            _finish_run(run, Run.FAILED, f"{step.node_id} failed: {error}")
+            return
+
+    for edge in chosen:
+        bound = edge.get("max_iterations")
+        if bound:
+            key = f"{edge['source']}->{edge['target']}"
+            if run.edge_counts.get(key, 0) >= bound:
+                continue
+            run.edge_counts = {**run.edge_counts, key: run.edge_counts.get(key, 0) + 1}
+            run.save(update_fields=["edge_counts", "updated_at"])
+        target = node_map(spec)[edge["target"]]
+        if target["kind"] == "join":
+            _arrive(run, spec, target, step, "succeeded" if outcome == "success" else "failed")
+        else:
+            branches = list(step.branches)
+            if node["kind"] == "parallel":
+                branches.append([node["id"], edge["target"]])
+            _create_step(run, spec, edge["target"], branches)
+        if run.status in Run.TERMINAL:
+            return
+    _finish_if_idle(run, spec)
+
+
+def _open_join(run: Run, spec: dict, join: dict, frame: list | None) -> Step:
+    """The join step collecting arrivals for this fan-out (created on the first arrival)."""
+    join_step = (Step.objects.select_for_update()
+                 .filter(run=run, node_id=join["id"], status=Step.WAITING)
+                 .order_by("-iteration").first())
+    if join_step is None:
+        latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
+        iteration = 0 if latest["n"] is None else latest["n"] + 1
+        if frame:
+            expected = [e["target"] for e in spec["edges"]
+                        if e["source"] == frame[0] and e.get("on", "success") == "success"]
+        else:
+            expected = [e["source"] for e in spec["edges"] if e["target"] == join["id"]]
+        join_step = Step.objects.create(
+            run=run, node_id=join["id"], kind="join", iteration=iteration,
+            status=Step.WAITING, input={"expected": expected, "frame": frame},
+        )
+        Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
+        events.append_event(run.pk, "step.created", _step_payload(join_step))
+    return join_step
+
+
+def _arrive(run: Run, spec: dict, join: dict, step: Step, status: str) -> None:
+    frame = step.branches[-1] if step.branches else None
+    join_step = _open_join(run, spec, join, frame)
+    branch = frame[1] if frame else step.node_id
+    join_step.arrivals = {**join_step.arrivals, branch: {"status": status,
+                                                         "source": step.node_id}}
+    join_step.save(update_fields=["arrivals"])
+    _maybe_release_join(run, spec, join, join_step)
+
+
+def _maybe_release_join(run: Run, spec: dict, join: dict, join_step: Step) -> None:
+    expected = join_step.input.get("expected") or []
+    if not all(b in join_step.arrivals for b in expected):
+        return
+    failed = [b for b, a in join_step.arrivals.items() if a["status"] != "succeeded"]
+    if failed and join.get("on_branch_failure", "fail") == "fail":
+        _finish_run(run, Run.FAILED, f"branch(es) {', '.join(failed)} of {join['id']} failed")
+        return
+    frame = join_step.input.get("frame")
+    outer = Step.objects.filter(run=run, node_id=frame[0]).order_by("-iteration").first() \
+        if frame else None
+    Step.objects.filter(pk=join_step.pk).update(
+        status=Step.PENDING, branches=outer.branches if outer else [])
+    events.append_event(run.pk, "step.created", _step_payload(join_step, status=Step.PENDING))
+    _enqueue(join_step.pk)
+
+
+def _arrive_failed_branch(run: Run, spec: dict, step: Step, error: str) -> bool:
+    """A branch step failed with no failure edge: tell the join downstream of its branch."""
+    frame = step.branches[-1]
+    join = _join_after(spec, frame[0])
+    if join is None:
+        return False
+    if join.get("on_branch_failure", "fail") == "fail":
+        _finish_run(run, Run.FAILED, f"{step.node_id} failed in branch {frame[1]}: {error}")
+        return True
+    _arrive(run, spec, join, step, "failed")
+    return True
+
+
+def _join_after(spec: dict, parallel_id: str) -> dict | None:
+    """The first join reachable from a parallel node (breadth-first over success edges)."""
+    by_id = node_map(spec)
+    seen, queue = {parallel_id}, [parallel_id]
+    while queue:
+        current = queue.pop(0)
+        for edge in spec["edges"]:
+            if edge["source"] == current and edge["target"] not in seen:
+                if by_id[edge["target"]]["kind"] == "join":
+                    return by_id[edge["target"]]
+                seen.add(edge["target"])
+                queue.append(edge["target"])
+    return None
+
+
+def _finish_if_idle(run: Run, spec: dict) -> None:
+    steps = Step.objects.filter(run=run)
+    if steps.filter(status__in=(Step.PENDING, Step.RUNNING)).exists():
+        _refresh_status(run)
+        return
+    waiting = steps.filter(status=Step.WAITING)
+    if waiting.exclude(kind="join").exists():
+        _refresh_status(run)
+        return
+    stuck = waiting.filter(kind="join").first()
+    if stuck is not None:
+        missing = [b for b in stuck.input.get("expected", []) if b not in stuck.arrivals]
+        _finish_run(run, Run.FAILED,
+                    f"join {stuck.node_id} can never complete: no branch left for "
+                    f"{', '.join(missing)}")
+        return
+    last = steps.filter(status=Step.SUCCEEDED).order_by("-finished_at", "-id").first()
+    run.refresh_from_db(fields=["state"])
+    if last is None:
+        result = None
+    elif last.kind in ("supervisor", "vote", "debate") and isinstance(last.output, dict):
+        result = last.output.get("result")
+    else:
+        result = last.output
+    _finish_run(run, Run.SUCCEEDED, "", result=result)
+
+
+def _refresh_status(run: Run) -> None:
+    if run.status not in (Run.RUNNING, Run.WAITING_APPROVAL, Run.QUEUED):
+        return
+    waiting = Step.objects.filter(run=run, status=Step.WAITING).exclude(kind="join")
+    busy = Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING)).exists()
+    if waiting.exists() and not busy:
+        blocked = "sub-workflow" if waiting.filter(kind="subworkflow").exists() else "approval"
+        _set_status(run, Run.WAITING_APPROVAL if blocked == "approval" else Run.RUNNING,
+                    blocked_on=blocked)
+    else:
+        _set_status(run, Run.RUNNING, blocked_on="")
+
+
+def _set_status(run: Run, status: str, *, blocked_on: str | None = None, error: str = "") -> None:
+    changed = run.status != status or (blocked_on is not None and blocked_on != run.blocked_on)
+    run.status = status
+    fields = ["status", "updated_at"]
+    if blocked_on is not None:
+        run.blocked_on = blocked_on
+        fields.append("blocked_on")
+    if error:
+        run.error = error
+        fields.append("error")
+    run.save(update_fields=fields)
+    if changed:
+        events.append_event(run.pk, "run.status", {"status": status, "error": run.error,
+                                                   "blocked_on": run.blocked_on})
+
+
+def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
+    """End a run; cancel what is left of it; wake the parent run of a sub-workflow."""
+    if run.status in Run.TERMINAL:
+        return
+    now = timezone.now()
+    run.finished_at = now
+    run.result = result
+    run.blocked_on = ""
+    run.save(update_fields=["finished_at", "result", "blocked_on", "updated_at"])
+    Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)).update(
+        status=Step.CANCELLED, finished_at=now, lease_until=None)
+    _set_status(run, status, error=error[:5000])
+    if run.parent_step_id:
+        parent = Step.objects.filter(pk=run.parent_step_id, status=Step.WAITING).first()
+        if parent is not None:
+            Step.objects.filter(pk=parent.pk).update(status=Step.PENDING)
+            _enqueue(parent.pk)
+
+
+# --- human decisions ------------------------------------------------------------------------
+
+def apply_decision(request, *, approved: bool, payload: dict | None, comment: str) -> None:
+    """Resume a run after a human (or the deadline) decided an approval request. Called once,
+    inside the approvals app's decision transaction."""
+    step = Step.objects.select_for_update().get(pk=request.step_id)
+    run = Run.objects.select_for_update().get(pk=step.run_id)
+    if run.status in Run.TERMINAL or step.status != Step.WAITING:
+        return
+    data = {**step.input, "approval_open": False}
+    if request.kind == "tool_call" and request.tool_call_id:
+        call_updates = {"status": ToolCall.APPROVED if approved else ToolCall.REJECTED,
+                        "decision_note": comment}
+        if approved and payload is not None:
+            call_updates["approved_arguments"] = payload.get("arguments", payload)
+        ToolCall.objects.filter(pk=request.tool_call_id,
+                                status=ToolCall.AWAITING_APPROVAL).update(**call_updates)
+    elif request.kind == "node":
+        data["decision"] = {"approved": approved, "comment": comment, "payload": payload}
+    elif request.kind == "escalation":
+        if not approved:
+            _finish_run(run, Run.FAILED, f"{step.node_id}: escalation rejected: {comment}")
+            return
+        edited = (payload or request.payload or {}).get("output")
+        Step.objects.filter(pk=step.pk).update(input=data)
+        step.input = data
+        spec = run.version.get_spec()
+        Step.objects.filter(pk=step.pk).update(
+            status=Step.SUCCEEDED, output_text=str(edited), output=edited,
+            finished_at=timezone.now())
+        step.status = Step.SUCCEEDED
+        step.output = edited
+        key = node_map(spec)[step.node_id].get("output_key") or step.node_id
+        run.state = {**run.state, key: edited}
+        run.save(update_fields=["state", "updated_at"])
+        events.append_event(run.pk, "step.finished", _step_payload(step))
+        _advance(run, spec, step, outcome="success")
+        return
+    elif request.kind == "budget":
+        if not approved:
+            _finish_run(run, Run.BUDGET_EXCEEDED, f"budget raise rejected: {comment}")
+            return
+        raise_by = Decimal(str((payload or request.payload).get("raise_by", "0")))
+        limit = (payload or request.payload).get("limit", "max_cost")
+        budget = dict(run.budget)
+        if limit == "max_tokens":
+            budget["max_tokens"] = int(budget.get("max_tokens") or 0) + int(raise_by)
+        else:
+            budget["max_cost"] = str(Decimal(str(budget.get("max_cost") or 0)) + raise_by)
+        run.budget = budget
+        run.save(update_fields=["budget", "updated_at"])
+        data["budget_asked"] = False
+    Step.objects.filter(pk=step.pk).update(status=Step.PENDING, input=data, lease_until=None)
+    events.append_event(run.pk, "step.resumed", _step_payload(step, status=Step.PENDING))
+    _set_status(run, Run.RUNNING if run.status != Run.PAUSED else Run.PAUSED, blocked_on="")
+    if run.status != Run.PAUSED:
+        _enqueue(step.pk)
+
+
+# --- controls -------------------------------------------------------------------------------
+
+def can_cancel(run: Run) -> bool:
+    return run.status in Run.ACTIVE
+
+
+def can_pause(run: Run) -> bool:
+    return run.status in (Run.QUEUED, Run.RUNNING, Run.WAITING_APPROVAL)
+
+
+def can_resume(run: Run) -> bool:
+    return run.status == Run.PAUSED
+
+
+def can_retry(run: Run) -> bool:
+    return run.status in (Run.FAILED, Run.BUDGET_EXCEEDED, Run.CANCELLED) and run.steps.filter(
+        status__in=(Step.FAILED, Step.CANCELLED)).exists()
+
+
+def _audit(run: Run, action: str, user) -> None:
+    events.append_event(run.pk, "run.control", {
+        "action": action, "user": getattr(user, "username", None) or "system"})
+
+
+def cancel_run(run: Run, user) -> None:
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if not can_cancel(run):
+            raise RunControlError(f"A {run.get_status_display().lower()} run cannot be cancelled.")
+        Run.objects.filter(pk=run.pk).update(cancel_requested=True)
+        _audit(run, "cancel", user)
+        _finish_run(run, Run.CANCELLED, f"cancelled by {getattr(user, 'username', 'system')}")
+
+
+def pause_run(run: Run, user) -> None:
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if not can_pause(run):
+            raise RunControlError(f"A {run.get_status_display().lower()} run cannot be paused.")
+        _audit(run, "pause", user)
+        _set_status(run, Run.PAUSED, blocked_on="paused")
+
+
+def resume_run(run: Run, user) -> None:
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if not can_resume(run):
+            raise RunControlError("Only a paused run can be resumed.")
+        if stop_everything_on():
+            raise RunControlError("The global stop switch is on; turn it off first.")
+        _audit(run, "resume", user)
+        _set_status(run, Run.RUNNING if run.started_at else Run.QUEUED, blocked_on="")
+        for step_id in run.steps.filter(status=Step.PENDING).values_list("pk", flat=True):
+            _enqueue(step_id)
+        _refresh_status(run)
+
+
+def retry_run(run: Run, user) -> None:
+    """Run the failed (and cancelled) steps again, with fresh LLM calls, and carry on."""
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if not can_retry(run):
+            raise RunControlError("Only a failed, cancelled or over-budget run can be retried.")
+        _audit(run, "retry", user)
+        steps = list(run.steps.filter(status__in=(Step.FAILED, Step.CANCELLED)))
+        for step in steps:
+            Step.objects.filter(pk=step.pk).update(
+                status=Step.WAITING if step.kind == "join" and step.arrivals else Step.PENDING,
+                epoch=F("epoch") + 1, error="", error_kind="", finished_at=None,
+                not_before=None, lease_until=None,
+                input={k: v for k, v in step.input.items()
+                       if k not in ("fallback_index", "approval_open", "budget_asked")},
+            )
+        Run.objects.filter(pk=run.pk).update(
+            cancel_requested=False, finished_at=None, error="", result=None,
+            budget={**run.budget, "max_wall_s": None},
+        )
+        run.refresh_from_db()
+        _set_status(run, Run.RUNNING, blocked_on="")
+        for step in steps:
+            if step.kind != "join" or not step.arrivals:
+                _enqueue(step.pk)
+
+
+def fork_run(step: Step, user, *, input: dict | None = None,
+             overrides: dict | None = None) -> Run:
+    """A new run of the same version that reuses the outputs recorded before `step` and runs
+    from `step` on, with an edited input, prompt or model."""
+    source = step.run
+    spec = source.version.get_spec()
+    data = validate_input(spec, source.input if input is None else input)
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow=source.workflow, version=source.version, input=data, state=dict(data),
+            started_by=user if user is not None and user.is_authenticated else None,
+            budget=source.budget, overrides=overrides or {}, parent=source,
+            forked_from_step=step, status=Run.RUNNING, started_at=timezone.now(),
+        )
+        events.append_event(run.pk, "run.created", {"status": run.status,
+                                                    "forked_from": source.pk})
+        state = dict(data)
+        earlier = source.steps.filter(status=Step.SUCCEEDED, created_at__lt=step.created_at,
+                                      branches=[]).exclude(kind="join")
+        by_id = node_map(spec)
+        for old in earlier.order_by("created_at", "id"):
+            Step.objects.create(
+                run=run, node_id=old.node_id, kind=old.kind, iteration=old.iteration,
+                agent=old.agent, status=Step.SUCCEEDED, input=old.input,
+                output_text=old.output_text, output=old.output, tool_calls=old.tool_calls,
+                model=old.model, reused_from=old, started_at=old.started_at,
+                finished_at=old.finished_at,
+            )
+            if old.kind != "parallel" and old.node_id in by_id:
+                state[by_id[old.node_id].get("output_key") or old.node_id] = old.output
+        run.state = state
+        run.step_count = earlier.count()
+        run.save(update_fields=["state", "step_count"])
+        _audit(source, f"fork from {step.node_id} into run {run.pk}", user)
+        _create_step(run, spec, step.node_id, branches=[])
+    return run
+
+
+def stop_everything_on() -> bool:
+    return Switch.objects.filter(name=STOP_EVERYTHING, on=True).exists()
+
+
+def set_stop_everything(on: bool, user) -> int:
+    """The global stop switch: on pauses every active run at once. Returns how many paused."""
+    paused = 0
+    with transaction.atomic():
+        Switch.objects.update_or_create(
+            name=STOP_EVERYTHING,
+            defaults={"on": on, "changed_by": user if getattr(user, "pk", None) else None},
+        )
+        if on:
+            for run in Run.objects.select_for_update().filter(
+                    status__in=(Run.QUEUED, Run.RUNNING, Run.WAITING_APPROVAL)):
+                _audit(run, "stop everything", user)
+                _set_status(run, Run.PAUSED, blocked_on="global stop switch")
+                paused += 1
+    return paused
+
+
+# --- the sweeper ----------------------------------------------------------------------------
+
+def sweep_stuck_steps() -> dict:
+    """Find work that fell through the cracks and put it back (Celery beat, every few seconds).
+
+    1. Running steps whose lease expired (their worker died): ring the doorbell again; after
+       too many lost attempts, fail the step.
+    2. Pending steps of active runs nobody claimed for a while (a lost message): ring again.
+    3. Parallel branches past their branch_timeout_s: mark them timed out at the join.
+    4. Runs past their wall-clock limit: end them as budget_exceeded.
+    """
+    now = timezone.now()
+    requeued = failed = timed_out = over_time = 0
+    close_old_connections()
+    for step in Step.objects.filter(status=Step.RUNNING, lease_until__lt=now).select_related(
+            "run")[:500]:
+        if step.attempt >= 10:
+            with transaction.atomic():
+                if Step.objects.filter(pk=step.pk, status=Step.RUNNING,
+                                       lease_until__lt=now).update(
+                        status=Step.FAILED, error_kind="transient",
+                        error=f"worker lost {step.attempt} times", finished_at=now):
+                    run = Run.objects.select_for_update().get(pk=step.run_id)
+                    _finish_run(run, Run.FAILED, f"{step.node_id}: worker lost {step.attempt} "
+                                                 "times")
+                    failed += 1
+            continue
+        _enqueue_now(step.pk)
+        requeued += 1
+    stale = now - timedelta(seconds=max(settings.BATON_STEP_LEASE_S * 3, 15))
+    for step_id in Step.objects.filter(
+            status=Step.PENDING, created_at__lt=stale, run__status__in=(Run.QUEUED, Run.RUNNING)
+    ).filter(Q(not_before__isnull=True) | Q(not_before__lt=stale)).values_list(
+            "pk", flat=True)[:500]:
+        _enqueue_now(step_id)
+        requeued += 1
+    timed_out = _time_out_branches(now)
+    for run in Run.objects.filter(status__in=(Run.RUNNING, Run.WAITING_APPROVAL),
+                                  started_at__isnull=False)[:500]:
+        wall = (run.budget or {}).get("max_wall_s")
+        if wall and (now - run.started_at).total_seconds() > wall:
+            with transaction.atomic():
+                locked = Run.objects.select_for_update().get(pk=run.pk)
+                _finish_run(locked, Run.BUDGET_EXCEEDED, f"run wall-clock limit of {wall}s "
+                                                         "reached")
+                over_time += 1
+    return {"requeued": requeued, "failed": failed, "timed_out": timed_out,
+            "over_time": over_time}
+
+
+def _time_out_branches(now) -> int:
+    count = 0
+    joins = Step.objects.filter(kind="join", status=Step.WAITING,
+                                run__status__in=(Run.RUNNING, Run.WAITING_APPROVAL))
+    for join_step in joins.select_related("run", "run__version")[:200]:
+        frame = join_step.input.get("frame")
+        if not frame:
+            continue
+        spec = join_step.run.version.get_spec()
+        parallel = node_map(spec).get(frame[0]) or {}
+        timeout = parallel.get("branch_timeout_s")
+        fan_out = Step.objects.filter(run=join_step.run, node_id=frame[0],
+                                      status=Step.SUCCEEDED).order_by("-iteration").first()
+        if not timeout or fan_out is None or fan_out.finished_at is None:
+            continue
+        if (now - fan_out.finished_at).total_seconds() <= timeout:
+            continue
+        with transaction.atomic():
+            run = Run.objects.select_for_update().get(pk=join_step.run_id)
+            locked = Step.objects.select_for_update().get(pk=join_step.pk)
+            if locked.status != Step.WAITING:
+                continue
+            missing = [b for b in locked.input.get("expected", []) if b not in locked.arrivals]
+            for branch in missing:
+                _cancel_branch(run, frame, branch, now)
+                locked.arrivals = {**locked.arrivals, branch: {"status": "timeout",
+                                                               "source": None}}
+            locked.save(update_fields=["arrivals"])
+            events.append_event(run.pk, "step.timeout", _step_payload(
+                locked, branches=missing, timeout_s=timeout))
+            _maybe_release_join(run, spec, node_map(spec)[locked.node_id], locked)
+            count += 1
+    return count
+
+
+def _cancel_branch(run: Run, frame: list, branch: str, now) -> None:
+    for step in Step.objects.filter(run=run,
+                                    status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)):
+        if [frame[0], branch] in step.branches:
+            Step.objects.filter(pk=step.pk).update(status=Step.CANCELLED,
+                                                   error="branch timed out", finished_at=now)
+
+
+def wait_for(run: Run, timeout_s: float = 60.0, poll_s: float = 0.1) -> Run:
+    """Block until a run is terminal (or waiting for a human). For the CLI and tests."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run.refresh_from_db()
+        if run.status in Run.TERMINAL or run.status == Run.WAITING_APPROVAL:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run.pk} still {run.status} after {timeout_s}s")
+        time.sleep(poll_s)
+
