@@ -266,6 +266,8 @@ def _save_outcome(ctx: StepContext, status: str, *, text: str = "", output=None,
     )
     if updated:
         ctx.step.status = status
+        ctx.step.output = output
+        ctx.step.output_text = text
         kind = {"succeeded": "step.finished", "failed": "step.failed",
                 "cancelled": "step.cancelled"}.get(status, "step.finished")
         events.append_event(ctx.run.pk, kind, _step_payload(ctx.step, error=error))
@@ -359,9 +361,6 @@ def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
         if not _save_outcome(ctx, Step.FAILED, error_kind=kind, error=message):
             return
         run = Run.objects.select_for_update().get(pk=ctx.run.pk)
-        if kind == "permanent":
-            _finish_run(run, Run.FAILED, f"{ctx.node['id']}: {message}")
-            return
         _advance(run, ctx.spec, ctx.step, outcome="failure", error=message)
 
 
@@ -430,7 +429,7 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
             if step.branches and _arrive_failed_branch(run, spec, step, error):
                 _finish_if_idle(run, spec)
                 return
-            _finish_run(run, Run.FAILED, f"{step.node_id} failed: {error}")
+            _finish_run(run, Run.FAILED, f"{step.node_id}: {error}")
             return
 
     for edge in chosen:

@@ -41,7 +41,16 @@ def append_event(run_id: int, kind: str, payload: dict | None = None) -> RunEven
 
 
 def publish_event(event: RunEvent) -> None:
-    """Send one stored event to the run's group and the dashboard group."""
+    """Send one stored event to the run's group and the dashboard group. Never raises: the
+    event is stored, and a client that missed it catches up from the log."""
+    try:
+        _publish_event(event)
+    except Exception:
+        log.warning("could not publish event %s of run %s", event.seq, event.run_id,
+                    exc_info=True)
+
+
+def _publish_event(event: RunEvent) -> None:
     from runs import fragments
 
     message = {

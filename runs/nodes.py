@@ -336,14 +336,14 @@ def debate_node(ctx: StepContext):
             text, _ = run_agent(ctx, debater, ask)
             turns.append({"agent": debater.name, "text": text})
         rounds.append(turns)
-        if number > 1 and all(t["text"].lstrip().upper().startswith("AGREE") for t in turns):
-            agreed = True
-            break
         if len(_debate_text(summary, rounds)) // 4 > limit and len(rounds) > 1:
             older = _debate_text(summary, rounds[:-1])
             summary, _ = run_agent(ctx, judge, "Summarise this debate in a few sentences, "
                                                f"keeping every open disagreement:\n\n{older}")
             rounds = rounds[-1:]
+        if number > 1 and all(t["text"].lstrip().upper().startswith("AGREE") for t in turns):
+            agreed = True
+            break
     verdict, _ = run_agent(
         ctx, judge,
         f"Question: {prompt}\n\nDebate:\n{_debate_text(summary, rounds)}\n\n"
