@@ -226,12 +226,26 @@ class StepContext:
         max_cost = budget.get("max_cost")
         if max_cost not in (None, ""):
             condition &= Q(cost__lte=Decimal(max_cost) - estimate_cost - F("reserved_cost"))
-        updated = Run.objects.filter(condition, pk=self.run.pk).update(
-            reserved_cost=F("reserved_cost") + estimate_cost,
-            reserved_tokens=F("reserved_tokens") + estimate_tokens,
-        )
-        if not updated:
+        deadline = time.monotonic() + 30
+        while True:
+            updated = Run.objects.filter(condition, pk=self.run.pk).update(
+                reserved_cost=F("reserved_cost") + estimate_cost,
+                reserved_tokens=F("reserved_tokens") + estimate_tokens,
+            )
+            if updated:
+                break
             run = Run.objects.get(pk=self.run.pk)
+            # Only calls in flight stand in the way: wait for them to settle, then look again.
+            in_flight = run.reserved_cost > 0 or run.reserved_tokens > 0
+            fits_without = (
+                (not max_tokens or run.total_tokens + estimate_tokens <= max_tokens)
+                and (max_cost in (None, "") or run.cost + estimate_cost <= Decimal(max_cost))
+            )
+            if not (in_flight and fits_without) or time.monotonic() > deadline:
+                break
+            self.check_alive()
+            time.sleep(0.1)
+        if not updated:
             if max_tokens and run.total_tokens + run.reserved_tokens + estimate_tokens > max_tokens:
                 raise BudgetExceeded(
                     f"run token budget {max_tokens} would be exceeded: {run.total_tokens} used "
