@@ -5,6 +5,7 @@ Every value has a safe development default except SECRET_KEY, which is required 
 """
 
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
@@ -181,6 +182,15 @@ CHANNEL_LAYERS = {
     }
 }
 
+# Shared by every process (login throttling, spend-warning markers), so it lives in Redis.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": _redis_url_for("redis-py"),
+        "KEY_PREFIX": f"{REDIS_KEY_PREFIX}:cache",
+    }
+}
+
 # --- baton ----------------------------------------------------------------------------------
 # How long a claimed step stays claimed without a heartbeat. A worker renews it every third of
 # this; a step whose lease ran out belongs to a dead worker and may be claimed again.
@@ -195,6 +205,14 @@ BATON_TOOL_BREAKER_FAILURES = env_int("BATON_TOOL_BREAKER_FAILURES", 5)
 BATON_TOOL_BREAKER_COOLDOWN_S = env_int("BATON_TOOL_BREAKER_COOLDOWN_S", 60)
 # Refuse run inputs larger than this (bytes of JSON).
 BATON_MAX_INPUT_BYTES = env_int("BATON_MAX_INPUT_BYTES", 64 * 1024)
+# A cap on all LLM spend per calendar month (UTC), in dollars; empty means none.
+BATON_GLOBAL_MONTHLY_CAP = (
+    Decimal(os.environ["BATON_GLOBAL_MONTHLY_CAP"])
+    if os.environ.get("BATON_GLOBAL_MONTHLY_CAP") else None
+)
+# Failed logins allowed per username and per address within the window, then 429.
+BATON_LOGIN_ATTEMPTS = env_int("BATON_LOGIN_ATTEMPTS", 5)
+BATON_LOGIN_WINDOW_S = env_int("BATON_LOGIN_WINDOW_S", 900)
 
 # --- auth, i18n, static ---------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -1,16 +1,13 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.decorators import login_not_required
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from orchestrator_site.login import ThrottledLoginView
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/runs/", permanent=False)),
-    path(
-        "accounts/login/",
-        login_not_required(auth_views.LoginView.as_view()),
-        name="login",
-    ),
+    path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("workflows/", include("teams.urls")),

@@ -1,4 +1,6 @@
+import copy
 import os
+import uuid
 
 import pytest
 from django.conf import settings
@@ -20,6 +22,14 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _redis_process is not None:
         embedded_redis.stop(_redis_process)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(settings):
+    """Every test gets its own cache namespace (login throttling, warning markers)."""
+    caches = copy.deepcopy(settings.CACHES)
+    caches["default"]["KEY_PREFIX"] += f":{uuid.uuid4().hex[:8]}"
+    settings.CACHES = caches
 
 
 @pytest.fixture

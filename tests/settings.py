@@ -44,6 +44,7 @@ if not os.environ.get("REDIS_URL"):
     REDIS_URL = f"redis+socket://{EMBEDDED_REDIS_SOCKET}"
     CELERY_BROKER_URL = REDIS_URL
     CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [f"unix://{EMBEDDED_REDIS_SOCKET}"]  # noqa: F405
+    CACHES["default"]["LOCATION"] = f"unix://{EMBEDDED_REDIS_SOCKET}"  # noqa: F405
 
 BATON_STEP_LEASE_S = 6
 BATON_RETRY_BACKOFF_S = 0.05
