@@ -74,3 +74,9 @@ class ApprovalRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()}: {self.title}"
+
+    def save(self, *args, **kwargs):
+        # Decisions are written once, by compare-and-swap in approvals/decisions.py.
+        if self.pk and type(self).objects.filter(pk=self.pk).exclude(status=self.PENDING).exists():
+            raise ValueError("A decided approval request cannot be changed.")
+        super().save(*args, **kwargs)

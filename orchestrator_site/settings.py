@@ -17,6 +17,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("BATON_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -205,6 +206,8 @@ BATON_TOOL_BREAKER_FAILURES = env_int("BATON_TOOL_BREAKER_FAILURES", 5)
 BATON_TOOL_BREAKER_COOLDOWN_S = env_int("BATON_TOOL_BREAKER_COOLDOWN_S", 60)
 # Refuse run inputs larger than this (bytes of JSON).
 BATON_MAX_INPUT_BYTES = env_int("BATON_MAX_INPUT_BYTES", 64 * 1024)
+# Absolute address of this Baton, for links in emails (e.g. https://baton.example.com).
+BATON_BASE_URL = os.environ.get("BATON_BASE_URL", "")
 # A cap on all LLM spend per calendar month (UTC), in dollars; empty means none.
 BATON_GLOBAL_MONTHLY_CAP = (
     Decimal(os.environ["BATON_GLOBAL_MONTHLY_CAP"])

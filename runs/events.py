@@ -7,11 +7,14 @@ approval.requested, approval.decided, budget.warning. `llm.token` is the one eph
 streamed partial output, sent to the run's group without a RunEvent row.
 """
 
+import atexit
 import logging
+import queue
+import threading
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from runs.models import Run, RunEvent
@@ -36,8 +39,61 @@ def append_event(run_id: int, kind: str, payload: dict | None = None) -> RunEven
         Run.objects.filter(pk=run_id).update(last_seq=F("last_seq") + 1)
         seq = Run.objects.values_list("last_seq", flat=True).get(pk=run_id)
         event = RunEvent.objects.create(run_id=run_id, seq=seq, kind=kind, payload=payload or {})
-        transaction.on_commit(lambda: publish_event(event))
+        transaction.on_commit(lambda: _publisher.put(event))
     return event
+
+
+class _Publisher:
+    """Renders and sends committed events from one background thread per process, in commit
+    order, so a step never waits for templates or Redis. An event that dies with the process
+    is still in the log: consumers fill any gap in seqs from the database."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def put(self, event: RunEvent) -> None:
+        self._idle.clear()
+        self._queue.put(event)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="baton-publisher",
+                                                daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is sent (tests, shutdown)."""
+        return self._idle.wait(timeout_s)
+
+    def _run(self) -> None:
+        idle_s = 0
+        try:
+            while idle_s < 30:
+                try:
+                    event = self._queue.get(timeout=1)
+                except queue.Empty:
+                    # Hold no database connection while idle (a test database must be droppable).
+                    connection.close()
+                    idle_s += 1
+                    continue
+                idle_s = 0
+                publish_event(event)
+                if self._queue.empty():
+                    self._idle.set()
+        finally:
+            self._idle.set()
+            connection.close()
+
+
+_publisher = _Publisher()
+atexit.register(_publisher.flush)
+
+
+def flush() -> bool:
+    return _publisher.flush()
 
 
 def publish_event(event: RunEvent) -> None:

@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 from django.conf import settings
+from django.db import connection
 
 from orchestrator_site import embedded_redis
 
@@ -22,6 +23,20 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _redis_process is not None:
         embedded_redis.stop(_redis_process)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Before the test database is dropped, end connections other threads left open (a
+    Playwright greenlet, a publisher thread), or PostgreSQL refuses the drop."""
+    yield
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
 
 
 @pytest.fixture(autouse=True)
