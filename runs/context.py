@@ -303,13 +303,14 @@ class StepContext:
                 reserved_tokens=F("reserved_tokens") - estimate_tokens,
             )
             totals = Run.objects.values("total_tokens", "cost").get(pk=self.run.pk)
-            events.append_event(self.run.pk, "llm.called", {
-                "step_id": self.step.pk, "node_id": self.step.node_id, "model": result.model,
-                "tokens": result.total_tokens, "cost": str(cost), "latency_ms": result.latency_ms,
-            })
-            events.append_event(self.run.pk, "run.totals", {
-                "tokens": totals["total_tokens"], "cost": str(totals["cost"]),
-            })
+            events.append_events(self.run.pk, [
+                ("llm.called", {
+                    "step_id": self.step.pk, "node_id": self.step.node_id,
+                    "model": result.model, "tokens": result.total_tokens, "cost": str(cost),
+                    "latency_ms": result.latency_ms,
+                }),
+                ("run.totals", {"tokens": totals["total_tokens"], "cost": str(totals["cost"])}),
+            ])
         self.step.total_tokens += result.total_tokens
 
     # --- tools ------------------------------------------------------------------------------

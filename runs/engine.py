@@ -30,7 +30,12 @@ from django.utils import timezone
 
 from runs import events, nodes
 from runs.context import (
-    ApprovalRejected, BudgetExceeded, Cancelled, LeaseLost, StepContext, StepFailed,
+    ApprovalRejected,
+    BudgetExceeded,
+    Cancelled,
+    LeaseLost,
+    StepContext,
+    StepFailed,
     WaitingForHuman,
 )
 from runs.llm import LLMError
@@ -171,7 +176,8 @@ def execute_step(step_id: int) -> None:
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
-    step = Step.objects.filter(pk=step_id).select_related("run").first()
+    step = Step.objects.filter(pk=step_id).select_related(
+        "run", "run__workflow", "run__version").first()
     if step is None:
         return None
     run = step.run
@@ -186,19 +192,22 @@ def _claim(step_id: int) -> Step | None:
     claimable = Q(status=Step.PENDING) | Q(status=Step.RUNNING, lease_until__lt=now)
     lease = now + timedelta(seconds=settings.BATON_STEP_LEASE_S)
     with transaction.atomic():
-        claimed = Step.objects.filter(claimable, pk=step_id).update(
-            status=Step.RUNNING, attempt=F("attempt") + 1, lease_until=lease,
-            started_at=now if step.started_at is None else step.started_at,
+        # The attempt we read is part of the swap: if anyone claimed it since, we lose.
+        claimed = Step.objects.filter(claimable, pk=step_id, attempt=step.attempt).update(
+            status=Step.RUNNING, attempt=step.attempt + 1, lease_until=lease,
+            started_at=step.started_at or now,
         )
         if not claimed:
             return None
-        step.refresh_from_db()
-        if run.status == Run.QUEUED:
-            Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
-                status=Run.RUNNING, started_at=now)
-            events.append_event(run.pk, "run.status", {"status": Run.RUNNING})
-        events.append_event(run.pk, "step.started", _step_payload(step, attempt=step.attempt))
-    step.run = Run.objects.select_related("workflow", "version").get(pk=run.pk)
+        step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
+        step.started_at = step.started_at or now
+        started = []
+        if run.status == Run.QUEUED and Run.objects.filter(
+                pk=run.pk, status=Run.QUEUED).update(status=Run.RUNNING, started_at=now):
+            run.status, run.started_at = Run.RUNNING, now
+            started.append(("run.status", {"status": Run.RUNNING}))
+        events.append_events(run.pk, [
+            *started, ("step.started", _step_payload(step, attempt=step.attempt))])
     return step
 
 
@@ -432,6 +441,7 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
             _finish_run(run, Run.FAILED, f"{step.node_id}: {error}")
             return
 
+    created = False
     for edge in chosen:
         bound = edge.get("max_iterations")
         if bound:
@@ -447,9 +457,11 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
             branches = list(step.branches)
             if node["kind"] == "parallel":
                 branches.append([node["id"], edge["target"]])
-            _create_step(run, spec, edge["target"], branches)
+            created = _create_step(run, spec, edge["target"], branches) is not None or created
         if run.status in Run.TERMINAL:
             return
+    if created and run.status == Run.RUNNING and not run.blocked_on:
+        return  # the common case: the run simply goes on
     _finish_if_idle(run, spec)
 
 
@@ -572,6 +584,8 @@ def _refresh_status(run: Run) -> None:
 
 def _set_status(run: Run, status: str, *, blocked_on: str | None = None, error: str = "") -> None:
     changed = run.status != status or (blocked_on is not None and blocked_on != run.blocked_on)
+    if not changed and not error:
+        return
     run.status = status
     fields = ["status", "updated_at"]
     if blocked_on is not None:

@@ -30,17 +30,26 @@ def run_group(run_id: int) -> str:
 
 
 def append_event(run_id: int, kind: str, payload: dict | None = None) -> RunEvent:
-    """Append an event with the run's next seq and publish it once the transaction commits.
+    """Append one event with the run's next seq; published once the transaction commits."""
+    return append_events(run_id, [(kind, payload)])[0]
 
-    The seq comes from an UPDATE on the run row, which holds that row's lock until commit, so
+
+def append_events(run_id: int, items: list[tuple[str, dict | None]]) -> list[RunEvent]:
+    """Append events with the run's next seqs and publish them once the transaction commits.
+
+    The seqs come from an UPDATE on the run row, which holds that row's lock until commit, so
     seqs of one run are gap-free and in commit order.
     """
     with transaction.atomic():
-        Run.objects.filter(pk=run_id).update(last_seq=F("last_seq") + 1)
-        seq = Run.objects.values_list("last_seq", flat=True).get(pk=run_id)
-        event = RunEvent.objects.create(run_id=run_id, seq=seq, kind=kind, payload=payload or {})
-        transaction.on_commit(lambda: _publisher.put(event))
-    return event
+        Run.objects.filter(pk=run_id).update(last_seq=F("last_seq") + len(items))
+        last = Run.objects.values_list("last_seq", flat=True).get(pk=run_id)
+        created = RunEvent.objects.bulk_create([
+            RunEvent(run_id=run_id, seq=last - len(items) + 1 + i, kind=kind,
+                     payload=payload or {})
+            for i, (kind, payload) in enumerate(items)
+        ])
+        transaction.on_commit(lambda: [_publisher.put(event) for event in created])
+    return created
 
 
 class _Publisher:
