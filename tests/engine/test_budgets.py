@@ -96,3 +96,36 @@ def test_parallel_branches_cannot_overrun_the_budget_by_more_than_one_call(celer
     assert run.cost <= limit + biggest_call
     assert run.usage.count() < len(names)
 
+
+
+def test_budget_policy_ask_pauses_for_approval_and_a_raise_lets_the_run_finish(
+        celery_worker, alice, admin_user):
+    from approvals.decisions import decide_approval
+    from approvals.models import ApprovalRequest
+
+    workflow = three_step(alice)
+    workflow.budget_policy = "ask"
+    workflow.save()
+    run = start(workflow, max_cost="0.0003")
+    assert run.status == Run.WAITING_APPROVAL
+    request = ApprovalRequest.objects.get(run=run, kind="budget")
+    assert request.payload["limit"] == "max_cost" and Decimal(request.payload["raise_by"]) > 0
+    decide_approval(request.pk, admin_user, approve=True, comment="worth it")
+    run = engine.wait_for(run)
+    assert run.status == Run.SUCCEEDED, run.error
+    assert Decimal(run.budget["max_cost"]) == Decimal("0.0003") + Decimal(
+        request.payload["raise_by"])
+
+
+def test_budget_policy_ask_rejected_ends_the_run_over_budget(celery_worker, alice, admin_user):
+    from approvals.decisions import decide_approval
+    from approvals.models import ApprovalRequest
+
+    workflow = three_step(alice)
+    workflow.budget_policy = "ask"
+    workflow.save()
+    run = start(workflow, max_cost="0.0003")
+    request = ApprovalRequest.objects.get(run=run, kind="budget")
+    decide_approval(request.pk, admin_user, approve=False, comment="too pricey")
+    run.refresh_from_db()
+    assert run.status == Run.BUDGET_EXCEEDED and "too pricey" in run.error
