@@ -7,6 +7,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from runs.costs import recompute_action
 from runs.models import ModelPrice, Run, RunEvent, Step, Switch, ToolCall, ToolHealth, UsageRecord
 from teams.admin import JSON_OVERRIDES, ViewOnlyAdmin, pretty_json
 
@@ -445,6 +446,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
     )
     list_filter = ("source", "effective_from")
     search_fields = ("model",)
+    actions = [recompute_action]
     date_hierarchy = "effective_from"
     formfield_overrides = JSON_OVERRIDES
 

@@ -210,6 +210,9 @@ class ToolCall(models.Model):
     class Meta:
         ordering = ["step", "call_index"]
 
+    def __str__(self) -> str:
+        return f"{self.tool} call {self.call_index} of step {self.step_id}"
+
 
 class RunEvent(models.Model):
     """Append-only log of everything that happened to a run; the live dashboard is a view of it."""
@@ -224,10 +227,17 @@ class RunEvent(models.Model):
         ordering = ["run", "seq"]
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="unique_event_seq")]
 
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.seq} of run {self.run_id}"
+
     def save(self, *args, **kwargs):
         if self.pk is not None:
             raise ValueError("Run events are append-only.")
         super().save(*args, **kwargs)
+
+
+_REPORTED = ["cost", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens",
+             "model", "run"]
 
 
 class UsageRecord(models.Model):
@@ -257,7 +267,7 @@ class UsageRecord(models.Model):
     price_source = models.CharField(max_length=40, blank=True)
     response = models.JSONField(default=dict)
     latency_ms = models.PositiveIntegerField(default=0)
-    at = models.DateTimeField(db_index=True)
+    at = models.DateTimeField()
 
     class Meta:
         ordering = ["-at"]
@@ -266,12 +276,20 @@ class UsageRecord(models.Model):
                 fields=["step", "epoch", "call_index"], name="unique_llm_call_per_step"
             )
         ]
+        # The cost reports aggregate by time range, optionally one workflow: covering indexes
+        # let PostgreSQL answer them from the index alone (SQLite ignores `include`).
         indexes = [
-            models.Index(fields=["workflow", "at"]),
+            models.Index(fields=["at"], include=["workflow", "agent", "user", *_REPORTED],
+                         name="usage_report_at_idx"),
+            models.Index(fields=["workflow", "at"], include=["agent", "user", *_REPORTED],
+                         name="usage_report_wf_idx"),
             models.Index(fields=["agent", "at"]),
             models.Index(fields=["model", "at"]),
             models.Index(fields=["user", "at"]),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.total_tokens} tokens, ${self.cost}"
 
 
 class ModelPrice(models.Model):
@@ -305,6 +323,12 @@ class ToolHealth(models.Model):
     open_until = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
 
+    class Meta:
+        verbose_name_plural = "tool health"
+
+    def __str__(self) -> str:
+        return f"{self.tool}: {self.consecutive_failures} failures in a row"
+
 
 class Switch(models.Model):
     """Global switches. `stop_everything` pauses every active run and blocks new steps."""
@@ -316,3 +340,9 @@ class Switch(models.Model):
         related_name="+",
     )
     changed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "switches"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'on' if self.on else 'off'}"

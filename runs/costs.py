@@ -1,0 +1,861 @@
+"""What LLM calls cost: report queries, the per-run breakdown, and workflow / global spend caps.
+
+Every figure comes from `UsageRecord` rows and is aggregated in SQL (GROUP BY, window functions,
+`percentile_cont` on PostgreSQL); Python only loops over the aggregated groups, never over usage
+rows. The pages live in `runs/cost_views.py`.
+
+Money is US dollars (LiteLLM's price map is in dollars). "Cached" tokens are the part of the
+prompt that the provider served from its prompt cache, so they are counted inside `prompt`.
+
+Report queries use the indexes `UsageRecord` declares: `at` for the date range and
+(workflow|agent|model|user, at) when the report is filtered by one of those.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, replace
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.core.mail import mail_admins, send_mail
+from django.db import connection, transaction
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce, TruncDay, TruncMonth, TruncWeek
+from django.utils import timezone
+
+from runs.models import Run, Step, UsageRecord
+from teams.models import Agent, Workflow
+
+log = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+CENT_PLACES = Decimal("0.00000001")  # the precision of UsageRecord.cost
+ANOMALY_FACTOR = 3
+WARN_SHARE = Decimal("0.8")
+TOP_RUNS = 20
+MAX_ANOMALIES = 50
+
+BUCKETS = {"day": TruncDay, "week": TruncWeek, "month": TruncMonth}
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def as_decimal(value) -> Decimal:
+    """Normalise a summed cost (Decimal on PostgreSQL, float from raw SQLite SQL, or None)."""
+    if value is None:
+        return ZERO
+    if not isinstance(value, Decimal):
+        value = Decimal(str(value))
+    return value.quantize(CENT_PLACES)
+
+
+def money(value) -> str:
+    """$1,234.50 for large amounts; small ones keep two significant digits ($0.00042)."""
+    value = as_decimal(value)
+    if value == 0:
+        return "$0.00"
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    if value >= Decimal("0.01"):
+        return f"{sign}${value:,.2f}"
+    places = min(8, -value.adjusted() + 1)
+    text = f"{value:.{places}f}".rstrip("0")
+    return f"{sign}${text}"
+
+
+# --- scope and filters ------------------------------------------------------------------------
+
+
+def usage_for_user(user) -> QuerySet:
+    """The usage records `user` may see: the same rule as `Run.objects.for_user`.
+
+    Staff see everything. Others see usage of workflows they own or are a member of, plus usage of
+    runs they started. `UsageRecord.workflow` is the run's workflow (the engine copies it), so the
+    filter runs on the (workflow, at) index instead of joining every record to its run.
+    """
+    records = UsageRecord.objects.all()
+    if not user.is_authenticated:
+        return records.none()
+    if user.is_staff:
+        return records
+    workflows = Workflow.objects.filter(Q(owner=user) | Q(members=user)).values("pk")
+    own_runs = Run.objects.filter(started_by=user).values("pk")
+    return records.filter(Q(workflow_id__in=workflows) | Q(run_id__in=own_runs))
+
+
+@dataclass(frozen=True)
+class ReportFilters:
+    """A validated report request (built by the filter form). `end` is inclusive; days are UTC."""
+
+    start: dt.date
+    end: dt.date
+    bucket: str = "day"
+    workflow: Workflow | None = None
+    agent: Agent | None = None
+    model: str = ""
+    user: object | None = None
+
+    @property
+    def since(self) -> dt.datetime:
+        return dt.datetime.combine(self.start, dt.time.min, tzinfo=dt.UTC)
+
+    @property
+    def until(self) -> dt.datetime:
+        return dt.datetime.combine(self.end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.UTC)
+
+
+def bucket_starts(start: dt.date, end: dt.date, bucket: str) -> list[dt.date]:
+    """The first day of every bucket that overlaps [start, end]; weeks start on Monday (ISO),
+    as PostgreSQL's and Django's week truncation do."""
+    if bucket == "day":
+        first, starts = start, []
+    elif bucket == "week":
+        first, starts = start - dt.timedelta(days=start.weekday()), []
+    else:
+        first, starts = start.replace(day=1), []
+    current = first
+    while current <= end:
+        starts.append(current)
+        if bucket == "day":
+            current += dt.timedelta(days=1)
+        elif bucket == "week":
+            current += dt.timedelta(days=7)
+        else:
+            current = (current.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return starts
+
+
+def filtered_usage(user, filters: ReportFilters) -> QuerySet:
+    records = usage_for_user(user).filter(at__gte=filters.since, at__lt=filters.until)
+    if filters.workflow is not None:
+        records = records.filter(workflow=filters.workflow)
+    if filters.agent is not None:
+        records = records.filter(agent=filters.agent)
+    if filters.model:
+        records = records.filter(model=filters.model)
+    if filters.user is not None:
+        records = records.filter(user=filters.user)
+    return records
+
+
+# --- report tables ----------------------------------------------------------------------------
+
+# Aggregate names must not clash with UsageRecord's own fields (cost, prompt_tokens...).
+FIGURES = ("spent", "prompt", "completion", "cached", "tokens", "calls")
+
+
+def _sums() -> dict:
+    return {
+        "spent": Sum("cost"),
+        "prompt": Sum("prompt_tokens"),
+        "completion": Sum("completion_tokens"),
+        "cached": Sum("cached_tokens"),
+        "tokens": Sum("total_tokens"),
+        "calls": Count("*"),
+    }
+
+
+def _clean_figures(row: dict) -> dict:
+    row["spent"] = as_decimal(row.get("spent"))
+    for name in ("prompt", "completion", "cached", "tokens", "calls"):
+        row[name] = int(row.get(name) or 0)
+    row["cost_text"] = money(row["spent"])
+    return row
+
+
+def empty_figures() -> dict:
+    return {
+        "spent": ZERO,
+        "prompt": 0,
+        "completion": 0,
+        "cached": 0,
+        "tokens": 0,
+        "calls": 0,
+        "cost_text": money(ZERO),
+    }
+
+
+def _add_figures(total: dict, row: dict) -> None:
+    for name in FIGURES:
+        total[name] += row[name]
+    total["cost_text"] = money(total["spent"])
+
+
+def time_series(records: QuerySet, filters: ReportFilters) -> list[dict]:
+    """One row per bucket in the range, empty buckets included (so the chart's x axis is
+    honest). The database does the grouping; the gap filling loops over buckets only."""
+    trunc = BUCKETS[filters.bucket]("at", tzinfo=dt.UTC)
+    rows = records.order_by().annotate(bucket=trunc).values("bucket").annotate(**_sums())
+    by_start = {}
+    for row in rows:
+        bucket = row.pop("bucket")
+        day = bucket.date() if isinstance(bucket, dt.datetime) else bucket
+        by_start[day] = _clean_figures(row)
+    return [
+        {"bucket": start, **by_start.get(start, empty_figures())}
+        for start in bucket_starts(filters.start, filters.end, filters.bucket)
+    ]
+
+
+def totals_of(series: list[dict]) -> dict:
+    """The totals of a report are the sum of its buckets: no second scan of the records."""
+    totals = empty_figures()
+    for row in series:
+        _add_figures(totals, row)
+    return totals
+
+
+@dataclass(frozen=True)
+class Grouping:
+    name: str
+    title: str
+    column: str  # UsageRecord column grouped on
+    filter_param: str  # the report filter that narrows to one group
+
+
+GROUPINGS = {
+    "by_workflow": Grouping("by_workflow", "Workflow", "workflow_id", "workflow"),
+    "by_agent": Grouping("by_agent", "Agent", "agent_id", "agent"),
+    "by_model": Grouping("by_model", "Model", "model", "model"),
+    "by_user": Grouping("by_user", "User", "user_id", "user"),
+}
+
+
+def _labels(grouping: Grouping, keys: list) -> dict:
+    """{key: (label, filter value)} for the groups shown: one query per table, not per row."""
+    ids = [key for key in keys if key is not None]
+    if grouping.name == "by_workflow":
+        found = Workflow.objects.filter(pk__in=ids).values_list("pk", "name", "slug")
+        labels = {pk: (name, slug) for pk, name, slug in found}
+        missing = "(no workflow)"
+    elif grouping.name == "by_agent":
+        labels = {
+            pk: (name, name)
+            for pk, name in Agent.objects.filter(pk__in=ids).values_list("pk", "name")
+        }
+        missing = "(no agent)"
+    elif grouping.name == "by_user":
+        users = get_user_model().objects.filter(pk__in=ids)
+        labels = {pk: (name, name) for pk, name in users.values_list("pk", "username")}
+        missing = "(no user)"
+    else:
+        labels = {key: (key, key) for key in ids}
+        missing = "(no model)"
+    return {key: labels.get(key, (missing, "")) for key in keys}
+
+
+def grouped(records: QuerySet, grouping: Grouping, limit: int | None = None) -> list[dict]:
+    """Figures per workflow / agent / model / user, most expensive first."""
+    rows = (
+        records.order_by()
+        .values(grouping.column)
+        .annotate(**_sums())
+        .order_by("-spent", grouping.column)
+    )
+    if limit is not None:
+        rows = rows[:limit]
+    rows = [_clean_figures(row) for row in rows]
+    labels = _labels(grouping, [row[grouping.column] for row in rows])
+    for row in rows:
+        row["key"] = row.pop(grouping.column)
+        row["label"], row["filter_value"] = labels[row["key"]]
+    return rows
+
+
+def filtered_runs(user, filters: ReportFilters) -> QuerySet:
+    """The runs of the report: started in the range, visible to `user` (the same rule as
+    `Run.objects.for_user`, written without its member join so no DISTINCT is needed), narrowed
+    by the filters, and with at least one LLM call. A run's figures are its own totals, so a run
+    is judged as a whole; with an agent or model filter, the runs that used that agent or model.
+    """
+    runs = Run.objects.filter(created_at__gte=filters.since, created_at__lt=filters.until)
+    if not user.is_authenticated:
+        return runs.none()
+    if not user.is_staff:
+        workflows = Workflow.objects.filter(Q(owner=user) | Q(members=user)).values("pk")
+        runs = runs.filter(Q(workflow_id__in=workflows) | Q(started_by=user))
+    if filters.workflow is not None:
+        runs = runs.filter(workflow=filters.workflow)
+    if filters.user is not None:
+        runs = runs.filter(started_by=filters.user)
+    if filters.agent is not None or filters.model:
+        # A run's calls come after its creation: the lower bound keeps the subquery on the
+        # (agent, at) / (model, at) index.
+        calls = UsageRecord.objects.filter(at__gte=filters.since)
+        if filters.agent is not None:
+            calls = calls.filter(agent=filters.agent)
+        if filters.model:
+            calls = calls.filter(model=filters.model)
+        runs = runs.filter(pk__in=calls.values("run_id"))
+    return runs.filter(Q(total_tokens__gt=0) | Q(cost__gt=0))
+
+
+def _medians_sql() -> str:
+    """Per-workflow median of the run costs, in SQL. PostgreSQL has percentile_cont; SQLite
+    gets the middle row(s) of each workflow from ROW_NUMBER over the same partition."""
+    if connection.vendor == "postgresql":
+        return (
+            "SELECT workflow_id, CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY spent) "
+            "AS numeric) AS median FROM report_runs GROUP BY workflow_id"
+        )
+    return (
+        "SELECT workflow_id, AVG(spent) AS median FROM ("
+        " SELECT workflow_id, spent,"
+        "  ROW_NUMBER() OVER (PARTITION BY workflow_id ORDER BY spent) AS rn,"
+        "  COUNT(*) OVER (PARTITION BY workflow_id) AS n"
+        " FROM report_runs) ranked "
+        "WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY workflow_id"
+    )
+
+
+def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX_ANOMALIES) -> dict:
+    """The `top` most expensive runs and the anomalies, from one statement.
+
+    1. report_runs: the runs of the report with their cost (from `filtered_runs`);
+    2. medians: each workflow's median run cost over those same runs;
+    3. the top runs by cost, and the runs costing more than ANOMALY_FACTOR x their workflow's
+       median, with the total number of anomalies from a window count taken before the LIMIT;
+    4. one small query adds the cached tokens and call counts of the runs listed.
+    Returns {"top": [...], "anomalies": [...], "anomaly_count": int}.
+    """
+    inner, params = (
+        runs.order_by()
+        .values("id", "workflow_id", "cost", "prompt_tokens", "completion_tokens", "total_tokens")
+        .query.sql_with_params()
+    )
+    columns = "run_id, workflow_id, spent, prompt, completion, tokens, median"
+    sql = (
+        "WITH report_runs (run_id, workflow_id, spent, prompt, completion, tokens) AS "
+        f"({inner}), medians AS ({_medians_sql()}), "
+        "flagged AS (SELECT r.run_id, r.workflow_id, r.spent, r.prompt, r.completion,"
+        " r.tokens, m.median FROM report_runs r"
+        " JOIN medians m ON m.workflow_id = r.workflow_id) "
+        f"SELECT 'top', {columns}, 0 FROM ("
+        f" SELECT {columns} FROM flagged ORDER BY spent DESC, run_id DESC LIMIT %s) t "
+        "UNION ALL "
+        f"SELECT 'anomaly', {columns}, total FROM ("
+        f" SELECT {columns}, COUNT(*) OVER () AS total FROM flagged"
+        f" WHERE spent > {ANOMALY_FACTOR} * median"
+        " ORDER BY spent DESC, run_id DESC LIMIT %s) a"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, (*params, top, max_anomalies))
+        fetched = cursor.fetchall()
+    names = ["list", *[c.strip() for c in columns.split(",")], "total"]
+    rows = [dict(zip(names, values, strict=True)) for values in fetched]
+    ids = {row["run_id"] for row in rows}
+    objects = Run.objects.select_related("workflow", "started_by").in_bulk(ids)
+    extra = {
+        row["run_id"]: row
+        for row in UsageRecord.objects.filter(run_id__in=ids)
+        .order_by()
+        .values("run_id")
+        .annotate(cached=Sum("cached_tokens"), calls=Count("*"))
+    }
+    result = {"top": [], "anomalies": [], "anomaly_count": 0}
+    for row in rows:
+        row.update(extra.get(row["run_id"], {}))
+        _clean_figures(row)
+        row["median"] = as_decimal(row["median"])
+        row["median_text"] = money(row["median"])
+        row["ratio"] = (
+            (row["spent"] / row["median"]).quantize(Decimal("0.1")) if row["median"] else None
+        )
+        row["run"] = objects.get(row["run_id"])
+        if row.pop("list") == "top":
+            result["top"].append(row)
+        else:
+            result["anomalies"].append(row)
+            result["anomaly_count"] = int(row["total"])
+    return result
+
+
+def build_report(user, filters: ReportFilters, table_limit: int = 50) -> dict:
+    """Everything the reports page shows, in seven aggregate queries over indexed ranges.
+
+    On PostgreSQL the queries run in one transaction with JIT off (compiling costs more than
+    it saves on these short scans) and enough work_mem to keep the hash tables in memory.
+    """
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL jit = off")
+                cursor.execute("SET LOCAL work_mem = '32MB'")
+        records = filtered_usage(user, filters)
+        series = time_series(records, filters)
+        runs = expensive_runs(filtered_runs(user, filters))
+        tables = {
+            name: grouped(records, grouping, limit=table_limit + 1)
+            for name, grouping in GROUPINGS.items()
+        }
+    return {
+        "series": series,
+        "totals": totals_of(series),
+        "tables": tables,
+        "top_runs": runs["top"],
+        "anomalies": runs["anomalies"],
+        "anomaly_count": runs["anomaly_count"],
+    }
+
+
+# --- per-run breakdown ------------------------------------------------------------------------
+
+
+def _budget_share(used, limit) -> Decimal | None:
+    if limit in (None, ""):
+        return None
+    limit = Decimal(str(limit))
+    if limit <= 0:
+        return None
+    return (Decimal(used) * 100 / limit).quantize(Decimal("0.1"))
+
+
+def run_breakdown(run: Run) -> dict:
+    """Cost and tokens of one run per step and per agent, and the share of its budget used.
+
+    Returns {"run", "totals", "steps": [...], "agents": [...], "child_runs": [...],
+    "max_cost", "cost_share_pct", "max_tokens", "token_share_pct", "reserved"}: the
+    template `costs/_run_breakdown.html` renders it. Only the run's own LLM calls count; a
+    subworkflow's calls belong to its child run, listed under "child_runs".
+    """
+    records = UsageRecord.objects.filter(run=run).order_by()
+    per_step_model = records.values("step_id", "model").annotate(**_sums())
+    steps: dict = {}
+    for row in per_step_model:
+        _clean_figures(row)
+        entry = steps.setdefault(row["step_id"], {**empty_figures(), "models": []})
+        entry["models"].append(row["model"])
+        _add_figures(entry, row)
+    step_objects = Step.objects.select_related("agent").in_bulk(
+        [pk for pk in steps if pk is not None]
+    )
+    step_rows = []
+    for pk, figures in steps.items():
+        step = step_objects.get(pk)
+        step_rows.append(
+            {
+                **figures,
+                "step": step,
+                "label": f"{step.node_id}#{step.iteration}" if step else "(no step)",
+                "agent": step.agent.name if step and step.agent else "",
+                "order": (step.created_at, step.pk) if step else (run.created_at, 0),
+            }
+        )
+    step_rows.sort(key=lambda row: row["order"])
+
+    agents = records.values("agent_id").annotate(**_sums()).order_by("-spent")
+    agent_names = dict(
+        Agent.objects.filter(
+            pk__in=[row["agent_id"] for row in agents if row["agent_id"]]
+        ).values_list("pk", "name")
+    )
+    agent_rows = [
+        {**_clean_figures(row), "label": agent_names.get(row["agent_id"], "(no agent)")}
+        for row in agents
+    ]
+
+    children = (
+        UsageRecord.objects.filter(run__parent=run)
+        .order_by()
+        .values("run_id")
+        .annotate(**_sums())
+        .order_by("run_id")
+    )
+    child_rows = [_clean_figures(row) for row in children]
+
+    totals = empty_figures()
+    for row in step_rows:
+        _add_figures(totals, row)
+    for row in step_rows + agent_rows:
+        row["share_pct"] = (
+            (row["spent"] * 100 / totals["spent"]).quantize(Decimal("0.1"))
+            if totals["spent"]
+            else None
+        )
+    budget = run.budget or {}
+    max_cost = budget.get("max_cost")
+    max_tokens = budget.get("max_tokens")
+    return {
+        "run": run,
+        "totals": totals,
+        "steps": step_rows,
+        "agents": agent_rows,
+        "child_runs": child_rows,
+        "max_cost": Decimal(str(max_cost)) if max_cost not in (None, "") else None,
+        "max_cost_text": money(max_cost) if max_cost not in (None, "") else "",
+        "cost_share_pct": _budget_share(totals["spent"], max_cost),
+        "max_tokens": int(max_tokens) if max_tokens not in (None, "") else None,
+        "token_share_pct": _budget_share(totals["tokens"], max_tokens),
+        "reserved": as_decimal(run.reserved_cost),
+        "reserved_text": money(run.reserved_cost),
+    }
+
+
+# --- spend caps -------------------------------------------------------------------------------
+
+# Past days of the month are summed once and cached (they do not change, except through a
+# price recompute, which bumps the generation); today's spend is always read live. So a cap
+# check before an LLM call reads one day of records, not a month of them.
+PAST_SPEND_TTL_S = 3600
+_GENERATION_KEY = "baton:costs:generation"
+
+
+def _generation() -> int:
+    generation = cache.get(_GENERATION_KEY)
+    if generation is None:
+        cache.add(_GENERATION_KEY, 1, timeout=None)
+        generation = cache.get(_GENERATION_KEY) or 1
+    return generation
+
+
+def forget_cached_spend() -> None:
+    """Start a new generation of this module's cache entries: call after usage costs of past
+    days changed (a recompute). Email markers are per generation too, so a cap whose figures a
+    recompute changed may warn once more."""
+    try:
+        cache.incr(_GENERATION_KEY)
+    except ValueError:
+        cache.set(_GENERATION_KEY, 2, timeout=None)
+
+
+def _period_starts(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    now = now.astimezone(dt.UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day, day.replace(day=1)
+
+
+def _spend(workflow_ids: list[int], include_global: bool, now: dt.datetime) -> dict:
+    """{workflow id or None (global): (spent today, spent this month)} in UTC periods."""
+    day_start, month_start = _period_starts(now)
+    result = {}
+    if workflow_ids:
+        today = dict(
+            UsageRecord.objects.filter(workflow_id__in=workflow_ids, at__gte=day_start)
+            .order_by()
+            .values("workflow_id")
+            .annotate(s=Sum("cost"))
+            .values_list("workflow_id", "s")
+        )
+    else:
+        today = {}
+    if include_global:
+        today[None] = UsageRecord.objects.filter(at__gte=day_start).aggregate(s=Sum("cost"))["s"]
+
+    scopes = [*workflow_ids, *([None] if include_global else [])]
+    past: dict = {scope: ZERO for scope in scopes}
+    if month_start < day_start and scopes:
+        generation = _generation()
+        keys = {
+            scope: f"baton:costs:past:{generation}:{scope or 'global'}:{day_start:%Y-%m-%d}"
+            for scope in scopes
+        }
+        cached = cache.get_many(keys.values())
+        missing = [scope for scope in scopes if keys[scope] not in cached]
+        fresh: dict = {}
+        missing_ids = [scope for scope in missing if scope is not None]
+        if missing_ids:
+            fresh.update(
+                UsageRecord.objects.filter(
+                    workflow_id__in=missing_ids, at__gte=month_start, at__lt=day_start
+                )
+                .order_by()
+                .values("workflow_id")
+                .annotate(s=Sum("cost"))
+                .values_list("workflow_id", "s")
+            )
+        if None in missing:
+            fresh[None] = UsageRecord.objects.filter(
+                at__gte=month_start, at__lt=day_start
+            ).aggregate(s=Sum("cost"))["s"]
+        if missing:
+            cache.set_many(
+                {keys[scope]: str(as_decimal(fresh.get(scope))) for scope in missing},
+                timeout=PAST_SPEND_TTL_S,
+            )
+        for scope in scopes:
+            value = cached[keys[scope]] if keys[scope] in cached else fresh.get(scope)
+            past[scope] = as_decimal(value)
+    for scope in scopes:
+        spent_today = as_decimal(today.get(scope))
+        result[scope] = (spent_today, past[scope] + spent_today)
+    return result
+
+
+def _in_flight(workflow_ids: list[int], include_global: bool) -> dict:
+    """Cost the engine reserved for LLM calls in flight (Run.reserved_cost of active runs)."""
+    active = Run.objects.filter(status__in=Run.ACTIVE, reserved_cost__gt=0).order_by()
+    result = (
+        dict(
+            active.filter(workflow_id__in=workflow_ids)
+            .values("workflow_id")
+            .annotate(s=Sum("reserved_cost"))
+            .values_list("workflow_id", "s")
+        )
+        if workflow_ids
+        else {}
+    )
+    if include_global:
+        result[None] = active.aggregate(s=Sum("reserved_cost"))["s"]
+    return {scope: as_decimal(value) for scope, value in result.items()}
+
+
+def global_monthly_cap() -> Decimal | None:
+    cap = getattr(settings, "BATON_GLOBAL_MONTHLY_CAP", None)
+    return None if cap in (None, "") else Decimal(str(cap))
+
+
+@dataclass(frozen=True)
+class CapStatus:
+    """How much of one cap (a workflow's daily or monthly one, or the global monthly one) is
+    used in the current UTC period."""
+
+    workflow: Workflow | None  # None: the global cap
+    period: str  # "daily" | "monthly"
+    cap: Decimal
+    spent: Decimal
+    in_flight: Decimal
+    period_key: str  # "2025-03-14" or "2025-03": one warning email per cap per period
+
+    @property
+    def name(self) -> str:
+        if self.workflow is None:
+            return f"global {self.period} cap"
+        return f"workflow {self.workflow.slug} {self.period} cap"
+
+    @property
+    def used(self) -> Decimal:
+        return self.spent + self.in_flight
+
+    @property
+    def share(self) -> Decimal:
+        if self.cap <= 0:
+            return Decimal("Infinity") if self.used > 0 else ZERO
+        return self.used / self.cap
+
+    @property
+    def scope_key(self) -> str:
+        return "global" if self.workflow is None else f"wf{self.workflow.pk}"
+
+    def _spent_phrase(self) -> str:
+        when = "today" if self.period == "daily" else "this month"
+        text = f"{money(self.spent)} spent {when}"
+        if self.in_flight:
+            text += f" + {money(self.in_flight)} in flight"
+        return text
+
+    def breached_by(self, estimate: Decimal) -> bool:
+        return self.used + estimate > self.cap
+
+    def breach_message(self, estimate: Decimal) -> str:
+        return (
+            f"{self.name} {money(self.cap)} would be exceeded: "
+            f"{self._spent_phrase()} + {money(estimate)} estimated"
+        )
+
+    def banner(self) -> str:
+        percent = "100+" if self.share.is_infinite() else f"{self.share * 100:.0f}"
+        head = self.name[0].upper() + self.name[1:]
+        text = f"{head} {money(self.cap)}: {percent}% used ({self._spent_phrase()})."
+        if self.used >= self.cap:
+            text += " New LLM calls are refused until the period ends or the cap is raised."
+        return text
+
+
+def cap_statuses_for(
+    workflows: list[Workflow], *, include_global: bool = True, now: dt.datetime | None = None
+) -> list[CapStatus]:
+    """Every cap that applies to these workflows, with its spend, in three queries at most."""
+    now = now or timezone.now()
+    day_start, _ = _period_starts(now)
+    capped = [
+        w for w in workflows if w.daily_cost_cap is not None or w.monthly_cost_cap is not None
+    ]
+    global_cap = global_monthly_cap() if include_global else None
+    ids = [w.pk for w in capped]
+    if not ids and global_cap is None:
+        return []
+    spend = _spend(ids, global_cap is not None, now)
+    flight = _in_flight(ids, global_cap is not None)
+    day_key, month_key = f"{day_start:%Y-%m-%d}", f"{day_start:%Y-%m}"
+    statuses = []
+    for workflow in capped:
+        today, month = spend[workflow.pk]
+        reserved = flight.get(workflow.pk, ZERO)
+        if workflow.daily_cost_cap is not None:
+            statuses.append(
+                CapStatus(workflow, "daily", workflow.daily_cost_cap, today, reserved, day_key)
+            )
+        if workflow.monthly_cost_cap is not None:
+            statuses.append(
+                CapStatus(
+                    workflow, "monthly", workflow.monthly_cost_cap, month, reserved, month_key
+                )
+            )
+    if global_cap is not None:
+        statuses.append(
+            CapStatus(
+                None, "monthly", global_cap, spend[None][1], flight.get(None, ZERO), month_key
+            )
+        )
+    return statuses
+
+
+def cap_statuses(workflow: Workflow, *, now: dt.datetime | None = None) -> list[CapStatus]:
+    return cap_statuses_for([workflow], now=now)
+
+
+def cap_breach(
+    workflow: Workflow, estimate: Decimal, *, now: dt.datetime | None = None
+) -> str | None:
+    """Would an LLM call estimated at `estimate` break a spend cap? The message says which.
+
+    The engine calls it before every LLM call, *after* setting the estimate aside on its run
+    (`Run.reserved_cost`, see runs/context.py), and releases the reservation when refused.
+    Reserve-then-check needs no lock: of two concurrent calls, the later check sees the
+    earlier reservation, so together they never pass on the same headroom.
+    1. sum the workflow's usage today and this month (UTC), and all usage this month for the
+       global cap `settings.BATON_GLOBAL_MONTHLY_CAP`;
+    2. add what active runs reserved for calls in flight, minus this call's own reservation;
+    3. return the first cap that `spent + in flight + estimate` would exceed, as a message with
+       the figures, or None;
+    4. email staff (on commit) for caps at 80% or beyond and for a refused call, once per cap
+       per period.
+    """
+    estimate = as_decimal(estimate)
+    statuses = [
+        replace(status, in_flight=max(status.in_flight - estimate, ZERO))
+        for status in cap_statuses(workflow, now=now)
+    ]
+    breached = [status for status in statuses if status.breached_by(estimate)]
+    _queue_notices(statuses, breached)
+    return breached[0].breach_message(estimate) if breached else None
+
+
+def spend_warnings(workflow: Workflow, *, now: dt.datetime | None = None) -> list[str]:
+    """Banner texts for the caps of this workflow (and the global one) at 80% or more."""
+    return [s.banner() for s in cap_statuses(workflow, now=now) if s.share >= WARN_SHARE]
+
+
+def notify_if_near_caps(workflow: Workflow, *, now: dt.datetime | None = None) -> list[str]:
+    """Email staff once per cap per period when a cap reaches 80%; return the banner texts."""
+    statuses = cap_statuses(workflow, now=now)
+    _queue_notices(statuses, [])
+    return [s.banner() for s in statuses if s.share >= WARN_SHARE]
+
+
+def warnings_for_user(user, *, now: dt.datetime | None = None) -> list[str]:
+    """Banners for the reports page: the caps of the workflows the user sees at 80% or more
+    (the global cap for staff only: its figures are everybody's spend)."""
+    workflows = list(
+        Workflow.objects.for_user(user)
+        .filter(Q(daily_cost_cap__isnull=False) | Q(monthly_cost_cap__isnull=False))
+        .order_by("slug")
+    )
+    statuses = cap_statuses_for(workflows, include_global=user.is_staff, now=now)
+    return [s.banner() for s in statuses if s.share >= WARN_SHARE]
+
+
+def _queue_notices(statuses: list[CapStatus], breached: list[CapStatus]) -> None:
+    """Send, after the caller's transaction commits, each email not sent yet this period: the
+    80% warning and, when a call was refused, the cap-reached notice. A rolled-back caller
+    sends nothing and claims no marker, so the next check tries again."""
+    notices = [("warning", s) for s in statuses if s.share >= WARN_SHARE]
+    notices += [("reached", s) for s in breached]
+    for level, status in notices:
+        transaction.on_commit(lambda level=level, status=status: _send_notice_once(level, status))
+
+
+def _send_notice_once(level: str, status: CapStatus) -> bool:
+    # cache.add is atomic on a shared cache (Redis, memcached, database): of all workers that
+    # see the cap cross 80% this period, exactly one claims the marker and sends.
+    key = (
+        f"baton:costs:notice:{_generation()}:{level}:{status.scope_key}:{status.period}:"
+        f"{status.period_key}"
+    )
+    timeout = 2 * 86400 if status.period == "daily" else 32 * 86400
+    if not cache.add(key, 1, timeout=timeout):
+        return False
+    if level == "warning":
+        percent = min(status.share, Decimal("9.99")) * 100
+        subject = f"Baton: {status.name} is {percent:.0f}% used"
+    else:
+        subject = f"Baton: {status.name} reached, LLM calls refused"
+    body = status.banner()
+    if status.workflow is not None:
+        body += f"\n\nWorkflow: {status.workflow.name} (/costs/?workflow={status.workflow.slug})"
+    body += f"\nCap: {money(status.cap)}\nPeriod: {status.period_key} (UTC)\n"
+    recipients = list(
+        get_user_model()
+        .objects.filter(is_staff=True, is_active=True)
+        .exclude(email="")
+        .values_list("email", flat=True)
+    )
+    try:
+        if recipients:
+            send_mail(subject, body, None, recipients)
+        else:
+            mail_admins(subject, body)
+    except Exception:
+        # A mail server hiccup must not break an LLM call; let the next check retry.
+        log.exception("Could not send the spend cap email %r", subject)
+        cache.delete(key)
+        return False
+    return True
+
+
+# --- admin ------------------------------------------------------------------------------------
+
+
+@admin.action(
+    description="Recompute usage costs from the selected prices' dates on",
+    permissions=["change"],
+)
+def recompute_action(modeladmin, request, queryset) -> None:
+    """Reprice the usage of the selected prices' models from the earliest selected
+    `effective_from` to today: each record gets the price in force at its own time
+    (runs.pricing.recompute_usage, in SQL). Then bring the totals of finished runs and their
+    steps in line, so the run pages agree with the reports. Active runs keep the counters the
+    engine is updating: rewriting them here could race a call being recorded."""
+    from runs.pricing import recompute_usage
+
+    earliest: dict[str, dt.datetime] = {}
+    for model, since in queryset.order_by().values_list("model", "effective_from"):
+        if model not in earliest or since < earliest[model]:
+            earliest[model] = since
+    today = timezone.now().astimezone(dt.UTC).date()
+    changed = 0
+    for model, since in sorted(earliest.items()):
+        changed += recompute_usage(since, today, model=model)
+        touched = UsageRecord.objects.filter(model=model, at__gte=since)
+        _refresh_totals(
+            Run.objects.filter(pk__in=touched.values("run_id"), status__in=Run.TERMINAL), "run"
+        )
+        _refresh_totals(
+            Step.objects.filter(pk__in=touched.values("step_id"), run__status__in=Run.TERMINAL),
+            "step",
+        )
+    forget_cached_spend()
+    modeladmin.message_user(
+        request,
+        f"Recomputed {changed} usage record(s) of {len(earliest)} model(s) "
+        f"({', '.join(sorted(earliest)) or 'none'}).",
+        messages.SUCCESS,
+    )
+
+
+def _refresh_totals(queryset: QuerySet, column: str) -> int:
+    """Set each row's cost to the sum of its usage records: one UPDATE with a subquery."""
+    usage_sum = (
+        UsageRecord.objects.filter(**{column: OuterRef("pk")})
+        .order_by()
+        .values(column)
+        .annotate(s=Sum("cost"))
+        .values("s")
+    )
+    return queryset.update(cost=Coalesce(Subquery(usage_sum), ZERO))
