@@ -732,7 +732,8 @@ def resume_run(run: Run, user) -> None:
         _set_status(run, Run.RUNNING if run.started_at else Run.QUEUED, blocked_on="")
         for step_id in run.steps.filter(status=Step.PENDING).values_list("pk", flat=True):
             _enqueue(step_id)
-        _refresh_status(run)
+        if run.started_at:  # never started: stays queued until a worker claims a step
+            _refresh_status(run)
 
 
 def retry_run(run: Run, user) -> None:
