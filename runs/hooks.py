@@ -1,7 +1,7 @@
 """The one way the engine asks a human: a function the approvals app registers at start-up.
 
 `runs` never imports `approvals`; `approvals` registers `open_request(step, kind, title,
-payload, context, ...)` here, and calls `runs.engine.resume_after_decision` when decided.
+payload, context, ...)` here, and calls `runs.engine.apply_decision` when decided.
 """
 
 from collections.abc import Callable

@@ -4,23 +4,33 @@ Every query starts from `Run.objects.for_user(request.user)` (the consumers use 
 a run the user may not see is a 404 everywhere.
 """
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import HTMX_STOP_POLLING, HttpResponseClientRedirect
+from django_htmx.http import HTMX_STOP_POLLING, HttpResponseClientRedirect, trigger_client_event
 
 from runs import engine, fragments
 from runs.forms import ForkForm, RunFilterForm, StartRunForm
 from runs.models import Run
+from teams.forms import RunInputForm
 from teams.models import Workflow
 from teams.spec import node_map
+from teams.views import (
+    draft_spec,
+    editor_choices,
+    spec_problems,
+    version_or_404,
+    workflow_or_404,
+)
 
 PAGE_SIZE = 25
 POLL_BATCH = 200
@@ -243,3 +253,104 @@ def stop_everything(request: HttpRequest) -> HttpResponse:
     if not url_has_allowed_host_and_scheme(url, {request.get_host()}, request.is_secure()):
         url = reverse("runs:list")
     return _redirect(request, url)
+
+
+# --- run from the editor --------------------------------------------------------------------
+# The editor's run panel lives here, not in teams: starting runs and reading their steps is this
+# app's business, and `teams` never imports `runs`.
+
+
+@require_http_methods(["GET", "POST"])
+def editor_run(request: HttpRequest, slug: str) -> HttpResponse:
+    """GET: the run form (input fields from the chosen version's input schema). POST: start a
+    run of that version; "draft" publishes the draft first (note "test run") unless the latest
+    version already has the same spec."""
+    workflow = workflow_or_404(request, slug)
+    numbers = list(workflow.versions.order_by("-number").values_list("number", flat=True))
+    chosen = request.POST.get("version") or request.GET.get("version") or "draft"
+    if chosen != "draft":
+        spec = version_or_404(workflow, chosen).get_spec()
+    else:
+        spec = draft_spec(workflow)
+    form = RunInputForm(
+        request.POST if request.method == "POST" else None, schema=spec.get("input_schema") or {}
+    )
+    context = {"workflow": workflow, "numbers": numbers, "chosen": chosen, "form": form}
+    if request.method == "GET" or not form.is_valid():
+        return render(request, "teams/run_panel.html", context)
+    if chosen == "draft":
+        problems = spec_problems(spec, editor_choices(request, workflow))
+        if problems:
+            context["run_errors"] = ["Fix the draft's problems first."] + [str(p) for p in problems]
+            return render(request, "teams/run_panel.html", context)
+        version = workflow.latest_version()
+        if version is None or version.get_spec() != spec:
+            version = workflow.publish(user=request.user, note="test run", spec=spec)
+    else:
+        version = version_or_404(workflow, chosen)
+    try:
+        run = engine.start_run(version, form.input(), request.user)
+    except engine.RunInputError as exc:
+        context["run_errors"] = exc.messages
+        return render(request, "teams/run_panel.html", context)
+    context.update(
+        run=run,
+        version=version,
+        numbers=list(workflow.versions.order_by("-number").values_list("number", flat=True)),
+    )
+    response = render(request, "teams/run_panel.html", context)
+    # After the swap: the run card the watcher fills in is part of this response.
+    return trigger_client_event(
+        response,
+        "baton:run-started",
+        {
+            "run_id": run.pk,
+            "version": version.number,
+            "status_url": reverse("runs:editor_run_status", args=[slug, run.pk]),
+            "run_url": run.get_absolute_url(),
+        },
+        after="swap",
+    )
+
+
+@require_GET
+def editor_run_status(request: HttpRequest, slug: str, run_id: int) -> JsonResponse:
+    """What the canvas needs to light up a run: the run's status and each node's latest step."""
+    workflow = workflow_or_404(request, slug)
+    run = get_object_or_404(
+        Run.objects.for_user(request.user).select_related("version"),
+        pk=run_id,
+        workflow=workflow,
+    )
+    nodes: dict[str, dict] = {}
+    for step in run.steps.order_by("iteration", "id").only(
+        "node_id", "iteration", "status", "error"
+    ):
+        nodes[step.node_id] = {
+            "status": step.status,
+            "iteration": step.iteration,
+            "error": step.error[:300],
+        }
+    return JsonResponse(
+        {
+            "run": {
+                "id": run.pk,
+                "status": run.status,
+                "status_label": run.get_status_display(),
+                "active": run.is_active,
+                "error": run.error,
+                "blocked_on": run.blocked_on,
+                "version": run.version.number,
+                "url": run.get_absolute_url(),
+                "result": _preview(run.result),
+            },
+            "nodes": nodes,
+        }
+    )
+
+
+def _preview(value: Any, limit: int = 2000) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "…"

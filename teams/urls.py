@@ -20,6 +20,4 @@ urlpatterns = [
     path("<slug:slug>/versions/", views.workflow_versions, name="versions"),
     path("<slug:slug>/versions/<int:number>/rollback/", views.version_rollback, name="rollback"),
     path("<slug:slug>/diff/", views.workflow_diff, name="diff"),
-    path("<slug:slug>/run/", views.editor_run, name="run"),
-    path("<slug:slug>/run-status/<int:run_id>/", views.run_status, name="run_status"),
 ]

@@ -32,7 +32,6 @@ from teams.forms import (
     EditorChoices,
     InlineAgentForm,
     PublishForm,
-    RunInputForm,
     WorkflowCreateForm,
     WorkflowSettingsForm,
 )
@@ -61,19 +60,19 @@ AGENT_KINDS = ("agent", "router", "supervisor", "vote", "debate")
 # --- access and shared helpers --------------------------------------------------------------
 
 
-def _get_workflow(request: HttpRequest, slug: str) -> Workflow:
+def workflow_or_404(request: HttpRequest, slug: str) -> Workflow:
     """The workflow if this user may see (and so edit) it; 404 for everyone else."""
     return get_object_or_404(Workflow.objects.for_user(request.user), slug=slug)
 
 
-def _get_version(workflow: Workflow, number: Any) -> WorkflowVersion:
+def version_or_404(workflow: Workflow, number: Any) -> WorkflowVersion:
     try:
         return workflow.versions.get(number=int(number))
     except (TypeError, ValueError, WorkflowVersion.DoesNotExist) as exc:
         raise Http404("No such version") from exc
 
 
-def _choices(request: HttpRequest, workflow: Workflow) -> EditorChoices:
+def editor_choices(request: HttpRequest, workflow: Workflow) -> EditorChoices:
     agents = list(Agent.objects.values_list("name", "model"))
     return EditorChoices(
         agents=[name for name, _ in agents],
@@ -88,7 +87,7 @@ def _choices(request: HttpRequest, workflow: Workflow) -> EditorChoices:
     )
 
 
-def _problems(spec: Any, choices: EditorChoices) -> list[Problem]:
+def spec_problems(spec: Any, choices: EditorChoices) -> list[Problem]:
     """The spec validator with every reference checked against what exists."""
     return validate_spec(
         spec,
@@ -102,7 +101,7 @@ def _problem_dicts(problems: list[Problem]) -> list[dict]:
     return [{**p.as_dict(), "text": str(p)} for p in problems]
 
 
-def _draft_spec(workflow: Workflow) -> dict:
+def draft_spec(workflow: Workflow) -> dict:
     return upgrade_spec(workflow.draft) if workflow.draft else empty_spec()
 
 
@@ -205,9 +204,9 @@ def workflow_create(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 def workflow_editor(request: HttpRequest, slug: str) -> HttpResponse:
-    workflow = _get_workflow(request, slug)
-    spec = _draft_spec(workflow)
-    problems = _problems(spec, _choices(request, workflow))
+    workflow = workflow_or_404(request, slug)
+    spec = draft_spec(workflow)
+    problems = spec_problems(spec, editor_choices(request, workflow))
     config = {
         "slug": workflow.slug,
         "spec": spec,
@@ -218,7 +217,7 @@ def workflow_editor(request: HttpRequest, slug: str) -> HttpResponse:
             "draft": reverse("teams:draft", args=[slug]),
             "publish": reverse("teams:publish", args=[slug]),
             "panel": reverse("teams:panel_open", args=[slug]),
-            "run": reverse("teams:run", args=[slug]),
+            "run": reverse("runs:editor_run", args=[slug]),
             "versions": reverse("teams:versions", args=[slug]),
         },
     }
@@ -241,15 +240,15 @@ def workflow_draft(request: HttpRequest, slug: str) -> JsonResponse:
     value the editor last saw; when the workflow changed since (another tab, another user) the
     save is refused with 409 so nobody overwrites work they never saw.
     """
-    workflow = _get_workflow(request, slug)
-    choices = _choices(request, workflow)
+    workflow = workflow_or_404(request, slug)
+    choices = editor_choices(request, workflow)
     if request.method == "GET":
-        spec = _draft_spec(workflow)
+        spec = draft_spec(workflow)
         return JsonResponse(
             {
                 "spec": spec,
                 "layout": workflow.layout or {},
-                **_draft_state(workflow, spec, _problems(spec, choices)),
+                **_draft_state(workflow, spec, spec_problems(spec, choices)),
             }
         )
     try:
@@ -278,18 +277,18 @@ def workflow_draft(request: HttpRequest, slug: str) -> JsonResponse:
             status=409,
         )
     workflow.draft, workflow.layout, workflow.updated_at = spec, layout, now
-    return JsonResponse(_draft_state(workflow, spec, _problems(spec, choices)))
+    return JsonResponse(_draft_state(workflow, spec, spec_problems(spec, choices)))
 
 
 @require_POST
 def workflow_publish(request: HttpRequest, slug: str) -> JsonResponse:
     """Freeze the saved draft as the next version. Refused while it has problems."""
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     form = PublishForm(request.POST)
     if not form.is_valid():
         return JsonResponse({"error": " ".join(form.errors.get("note", []))}, status=400)
-    spec = _draft_spec(workflow)
-    problems = _problems(spec, _choices(request, workflow))
+    spec = draft_spec(workflow)
+    problems = spec_problems(spec, editor_choices(request, workflow))
     if problems:
         return JsonResponse(
             {
@@ -349,7 +348,8 @@ def _node_form(request: HttpRequest, workflow: Workflow, node: dict, spec: dict,
         for n in _list(spec.get("nodes"))
         if isinstance(n, dict) and n.get("id") != node.get("id")
     }
-    return form_class(data, node=node, choices=_choices(request, workflow), other_ids=other_ids)
+    choices = editor_choices(request, workflow)
+    return form_class(data, node=node, choices=choices, other_ids=other_ids)
 
 
 def _agent_named(name: Any) -> Agent | None:
@@ -390,7 +390,7 @@ def panel_open(request: HttpRequest, slug: str) -> HttpResponse:
     """Render the side panel for the element the editor selected, from the JSON it posts:
     `target` (node | edge | workflow), `element` (the node or edge) and `spec` (the draft as
     the editor holds it, for the state variables and the node ids)."""
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     target = request.POST.get("target", "workflow")
     try:
         spec = _posted_json(request, "spec")
@@ -412,7 +412,7 @@ def panel_apply(request: HttpRequest, slug: str) -> HttpResponse:
     """Check one edit of the panel's form. The response only swaps the error slots (out of
     band, so the field being typed in keeps its focus) and, when the edit is valid, sends the
     element's new JSON to the editor in a `baton:element-changed` event."""
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     target = request.POST.get("target")
     try:
         spec = _posted_json(request, "spec")
@@ -455,7 +455,7 @@ def panel_apply(request: HttpRequest, slug: str) -> HttpResponse:
 def agent_create(request: HttpRequest, slug: str) -> HttpResponse:
     """Create an agent (and its role) from the node panel, then re-render the panel with the
     node using it."""
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     try:
         spec = _posted_json(request, "spec")
         node = _posted_json(request, "element")
@@ -500,7 +500,7 @@ def agent_create(request: HttpRequest, slug: str) -> HttpResponse:
 
 @require_GET
 def workflow_versions(request: HttpRequest, slug: str) -> HttpResponse:
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     versions = list(
         workflow.versions.select_related("created_by")
         .annotate(run_count=Count("runs"))
@@ -518,7 +518,7 @@ def workflow_versions(request: HttpRequest, slug: str) -> HttpResponse:
             "workflow": workflow,
             "versions": versions,
             "draft_differs": bool(versions)
-            and _differs_from_latest(workflow, _draft_spec(workflow)),
+            and _differs_from_latest(workflow, draft_spec(workflow)),
         },
     )
 
@@ -526,14 +526,14 @@ def workflow_versions(request: HttpRequest, slug: str) -> HttpResponse:
 def _side(workflow: Workflow, value: str | None) -> tuple[str, dict, WorkflowVersion | None]:
     """One side of a diff: a version number or 'draft'."""
     if value == "draft":
-        return "Draft", _draft_spec(workflow), None
-    version = _get_version(workflow, value)
+        return "Draft", draft_spec(workflow), None
+    version = version_or_404(workflow, value)
     return f"Version {version.number}", version.get_spec(), version
 
 
 @require_GET
 def workflow_diff(request: HttpRequest, slug: str) -> HttpResponse:
-    workflow = _get_workflow(request, slug)
+    workflow = workflow_or_404(request, slug)
     numbers = list(workflow.versions.order_by("-number").values_list("number", flat=True))
     if not numbers:
         raise Http404("Nothing published yet")
@@ -565,8 +565,8 @@ def workflow_diff(request: HttpRequest, slug: str) -> HttpResponse:
 def version_rollback(request: HttpRequest, slug: str, number: int) -> HttpResponse:
     """Publish an old version's spec and layout again as a new version, and make it the draft
     so the next publish does not undo the rollback. Runs keep pointing at their versions."""
-    workflow = _get_workflow(request, slug)
-    old = _get_version(workflow, number)
+    workflow = workflow_or_404(request, slug)
+    old = version_or_404(workflow, number)
     spec = old.get_spec()
     if not _differs_from_latest(workflow, spec):
         messages.info(request, f"Version {old.number} is already what the latest version runs.")
@@ -586,108 +586,3 @@ def version_rollback(request: HttpRequest, slug: str, number: int) -> HttpRespon
     workflow.save(update_fields=["draft", "layout", "updated_at"])
     messages.success(request, f"Version {version.number} now runs what version {old.number} ran.")
     return redirect("teams:versions", slug=slug)
-
-
-# --- run from the editor --------------------------------------------------------------------
-# The editor sits on top of both apps: it starts runs and reads their steps. The imports are
-# local so that `teams` stays importable without `runs` (models never depend on runs).
-
-
-@require_http_methods(["GET", "POST"])
-def editor_run(request: HttpRequest, slug: str) -> HttpResponse:
-    """GET: the run form (input fields from the chosen version's input schema). POST: start a
-    run of that version; "draft" publishes the draft first (note "test run") unless the latest
-    version already has the same spec."""
-    from runs.engine import RunInputError, start_run
-
-    workflow = _get_workflow(request, slug)
-    numbers = list(workflow.versions.order_by("-number").values_list("number", flat=True))
-    chosen = request.POST.get("version") or request.GET.get("version") or "draft"
-    if chosen != "draft":
-        spec = _get_version(workflow, chosen).get_spec()
-    else:
-        spec = _draft_spec(workflow)
-    form = RunInputForm(
-        request.POST if request.method == "POST" else None, schema=spec.get("input_schema") or {}
-    )
-    context = {"workflow": workflow, "numbers": numbers, "chosen": chosen, "form": form}
-    if request.method == "GET" or not form.is_valid():
-        return render(request, "teams/run_panel.html", context)
-    if chosen == "draft":
-        problems = _problems(spec, _choices(request, workflow))
-        if problems:
-            context["run_errors"] = ["Fix the draft's problems first."] + [str(p) for p in problems]
-            return render(request, "teams/run_panel.html", context)
-        version = workflow.latest_version()
-        if version is None or version.get_spec() != spec:
-            version = workflow.publish(user=request.user, note="test run", spec=spec)
-    else:
-        version = _get_version(workflow, chosen)
-    try:
-        run = start_run(version, form.input(), request.user)
-    except RunInputError as exc:
-        context["run_errors"] = exc.messages
-        return render(request, "teams/run_panel.html", context)
-    context.update(
-        run=run,
-        version=version,
-        numbers=list(workflow.versions.order_by("-number").values_list("number", flat=True)),
-    )
-    response = render(request, "teams/run_panel.html", context)
-    # After the swap: the run card the watcher fills in is part of this response.
-    return trigger_client_event(
-        response,
-        "baton:run-started",
-        {
-            "run_id": run.pk,
-            "version": version.number,
-            "status_url": reverse("teams:run_status", args=[slug, run.pk]),
-            "run_url": run.get_absolute_url(),
-        },
-        after="swap",
-    )
-
-
-@require_GET
-def run_status(request: HttpRequest, slug: str, run_id: int) -> JsonResponse:
-    """What the canvas needs to light up a run: the run's status and each node's latest step."""
-    from runs.models import Run
-
-    workflow = _get_workflow(request, slug)
-    run = get_object_or_404(
-        Run.objects.for_user(request.user).select_related("version"),
-        pk=run_id,
-        workflow=workflow,
-    )
-    nodes: dict[str, dict] = {}
-    for step in run.steps.order_by("iteration", "id").only(
-        "node_id", "iteration", "status", "error"
-    ):
-        nodes[step.node_id] = {
-            "status": step.status,
-            "iteration": step.iteration,
-            "error": step.error[:300],
-        }
-    return JsonResponse(
-        {
-            "run": {
-                "id": run.pk,
-                "status": run.status,
-                "status_label": run.get_status_display(),
-                "active": run.is_active,
-                "error": run.error,
-                "blocked_on": run.blocked_on,
-                "version": run.version.number,
-                "url": run.get_absolute_url(),
-                "result": _preview(run.result),
-            },
-            "nodes": nodes,
-        }
-    )
-
-
-def _preview(value: Any, limit: int = 2000) -> str:
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + "…"

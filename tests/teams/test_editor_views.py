@@ -129,14 +129,14 @@ def test_a_member_can_open_and_save_the_draft(bob, workflow):
         ("get", "versions", ()),
         ("get", "diff", ()),
         ("post", "rollback", (1,)),
-        ("get", "run", ()),
-        ("post", "run", ()),
-        ("get", "run_status", (1,)),
+        ("get", "runs:editor_run", ()),
+        ("post", "runs:editor_run", ()),
+        ("get", "runs:editor_run_status", (1,)),
     ],
 )
 def test_an_outsider_gets_404_everywhere(charlie, workflow, method, name, extra):
     workflow.publish(note="v1")
-    url = reverse(f"teams:{name}", args=["report", *extra])
+    url = reverse(name if ":" in name else f"teams:{name}", args=["report", *extra])
     response = getattr(client_for(charlie), method)(url)
     assert response.status_code == 404
 
@@ -499,14 +499,14 @@ def test_an_invalid_inline_agent_is_not_created_and_the_errors_show(alice, workf
 
 
 def test_run_form_has_a_field_per_input_property(alice, workflow):
-    html = client_for(alice).get(reverse("teams:run", args=["report"])).content.decode()
+    html = client_for(alice).get(reverse("runs:editor_run", args=["report"])).content.decode()
     assert 'name="input-topic"' in html
     assert '<option value="draft" selected>The draft</option>' in html
 
 
 def test_running_the_draft_publishes_a_test_version_only_when_it_changed(alice, workflow):
     client = client_for(alice)
-    url = reverse("teams:run", args=["report"])
+    url = reverse("runs:editor_run", args=["report"])
     first = client.post(url, {"version": "draft", "input-topic": "bees"})
     assert first.status_code == 200
     run = Run.objects.get()
@@ -514,7 +514,7 @@ def test_running_the_draft_publishes_a_test_version_only_when_it_changed(alice, 
     assert run.input == {"topic": "bees"}
     started = triggered(first, "baton:run-started")
     assert started["run_id"] == run.pk
-    assert started["status_url"] == f"/workflows/report/run-status/{run.pk}/"
+    assert started["status_url"] == f"/runs/editor/report/status/{run.pk}/"
     assert f'data-run-card="{run.pk}"' in first.content.decode()
     client.post(url, {"version": "draft", "input-topic": "ants"})
     assert workflow.versions.count() == 1  # unchanged draft: the same version runs again
@@ -529,7 +529,7 @@ def test_running_an_invalid_draft_is_refused_with_its_problems(alice, workflow):
     }
     workflow.save()
     response = client_for(alice).post(
-        reverse("teams:run", args=["report"]), {"version": "draft", "input-topic": "x"}
+        reverse("runs:editor_run", args=["report"]), {"version": "draft", "input-topic": "x"}
     )
     assert "unknown agent" in response.content.decode()
     assert not Run.objects.exists() and workflow.versions.count() == 0
@@ -537,7 +537,7 @@ def test_running_an_invalid_draft_is_refused_with_its_problems(alice, workflow):
 
 def test_a_missing_required_input_is_reported_and_nothing_runs(alice, workflow):
     response = client_for(alice).post(
-        reverse("teams:run", args=["report"]), {"version": "draft", "input-topic": ""}
+        reverse("runs:editor_run", args=["report"]), {"version": "draft", "input-topic": ""}
     )
     assert 'id="err-input-topic">This field is required.' in response.content.decode()
     assert not Run.objects.exists()
@@ -553,7 +553,7 @@ def test_run_status_reports_each_nodes_latest_step(alice, workflow):
         run=run, node_id="writer", kind="agent", status=Step.FAILED, iteration=0, error="boom"
     )
     Step.objects.create(run=run, node_id="writer", kind="agent", status=Step.RUNNING, iteration=1)
-    data = client_for(alice).get(reverse("teams:run_status", args=["report", run.pk])).json()
+    data = client_for(alice).get(reverse("runs:editor_run_status", args=["report", run.pk])).json()
     assert data["run"]["status"] == "running" and data["run"]["active"] is True
     assert data["nodes"]["researcher"]["status"] == "succeeded"
     assert data["nodes"]["writer"] == {"status": "running", "iteration": 1, "error": ""}
@@ -562,5 +562,5 @@ def test_run_status_reports_each_nodes_latest_step(alice, workflow):
 def test_run_status_of_another_workflows_run_is_404(alice, workflow):
     other = make_workflow(pipeline_spec("researcher"), owner=alice, slug="other")
     run = Run.objects.create(workflow=other, version=other.latest_version(), input={})
-    response = client_for(alice).get(reverse("teams:run_status", args=["report", run.pk]))
+    response = client_for(alice).get(reverse("runs:editor_run_status", args=["report", run.pk]))
     assert response.status_code == 404
