@@ -18,7 +18,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HTMX_STOP_POLLING, HttpResponseClientRedirect, trigger_client_event
 
-from runs import engine, fragments
+from runs import costs, engine, fragments
 from runs.forms import ForkForm, RunFilterForm, StartRunForm
 from runs.models import Run
 from teams.forms import RunInputForm
@@ -138,6 +138,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     # and the page's socket replays it.
     context = fragments.detail_context(run, last_seq=run.last_seq)
     context["stop_everything"] = engine.stop_everything_on()
+    context["cost_breakdown"] = costs.run_breakdown(run)
     return render(request, "runs/detail.html", context)
 
 

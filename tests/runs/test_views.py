@@ -288,6 +288,23 @@ def test_run_page_shows_header_graph_steps_result_input_and_state(client, finish
     assert f'ws-connect="/ws/runs/{finished_run.pk}/"' in page
 
 
+def test_run_page_shows_the_cost_breakdown_per_step_and_agent(client, finished_run, alice):
+    from django.utils import timezone
+
+    from runs.models import UsageRecord
+
+    step = finished_run.steps.get(node_id="a")
+    UsageRecord.objects.create(run=finished_run, step=step, workflow=finished_run.workflow,
+                               agent=step.agent, model="scripted/baton", prompt_tokens=40,
+                               completion_tokens=20, total_tokens=60,
+                               cost=Decimal("0.00123456"), at=timezone.now())
+    page = login(client, alice).get(f"/runs/{finished_run.pk}/").content.decode()
+    breakdown = re.search(r'<section class="card cost-breakdown".*?</section>', page, re.S)
+    assert breakdown is not None
+    assert "0.001235" in breakdown.group(0) or "0.0012" in breakdown.group(0)
+    assert ">a<" in breakdown.group(0) or "a#0" in breakdown.group(0) or "\na\n" in breakdown.group(0)
+
+
 def test_untrusted_names_are_escaped_in_the_graph(client, alice):
     make_agent("analyst")
     spec = {
