@@ -8,7 +8,17 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from runs.costs import recompute_action
-from runs.models import ModelPrice, Run, RunEvent, Step, Switch, ToolCall, ToolHealth, UsageRecord
+from runs.models import (
+    ModelPrice,
+    Run,
+    RunEvent,
+    Step,
+    Switch,
+    ToolCall,
+    ToolHealth,
+    UsageDaily,
+    UsageRecord,
+)
 from teams.admin import JSON_OVERRIDES, ViewOnlyAdmin, pretty_json
 
 
@@ -378,6 +388,19 @@ class RunEventAdmin(ViewOnlyAdmin):
     @admin.display(description="Payload")
     def payload_json(self, event: RunEvent) -> SafeString:
         return pretty_json(event.payload)
+
+
+@admin.register(UsageDaily)
+class UsageDailyAdmin(ViewOnlyAdmin):
+    """The daily sums the cost reports read; kept by the engine, recomputed by
+    `manage.py rebuild_usage_rollup`, never edited."""
+
+    list_display = (
+        "day", "model", "workflow", "agent", "user", "call_count", "total_tokens", "cost",
+    )
+    list_filter = ("model", "workflow")
+    list_select_related = ("workflow", "agent", "user")
+    date_hierarchy = "day"
 
 
 @admin.register(UsageRecord)

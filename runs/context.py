@@ -272,12 +272,14 @@ class StepContext:
 
     def _record_call(self, agent: Agent, index: int, result, estimate_cost: Decimal,
                      estimate_tokens: int) -> None:
+        from runs import costs
+
         now = timezone.now()
         cost, price, source = pricing.compute_cost(
             result.model, result.prompt_tokens, result.completion_tokens, result.cached_tokens, now
         )
         with transaction.atomic():
-            UsageRecord.objects.create(
+            record = UsageRecord.objects.create(
                 run=self.run, step=self.step, epoch=self.step.epoch, call_index=index,
                 workflow_id=self.run.workflow_id, agent=agent, user_id=self.run.started_by_id,
                 model=result.model, prompt_tokens=result.prompt_tokens,
@@ -311,6 +313,9 @@ class StepContext:
                 }),
                 ("run.totals", {"tokens": totals["total_tokens"], "cost": str(totals["cost"])}),
             ])
+            # Last write before the commit: the day's rollup row of this key is shared by
+            # every parallel call with the same key, so it stays locked as briefly as possible.
+            costs.add_to_daily_usage(record)
         self.step.total_tokens += result.total_tokens
 
     # --- tools ------------------------------------------------------------------------------

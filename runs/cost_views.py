@@ -292,9 +292,9 @@ def _csv_response(user, filters: costs.ReportFilters, table: str) -> HttpRespons
             f"Unknown table {table!r}: choose one of {', '.join(CSV_TABLES)}.\n",
             content_type="text/plain",
         )
-    records = costs.filtered_usage(user, filters)
+    daily = costs.filtered_daily_usage(user, filters)
     if table in ("totals", "series"):
-        series = costs.time_series(records, filters)
+        series = costs.time_series(daily, filters)
         if table == "totals":
             header = ["from", "to", *FIGURE_HEADERS]
             rows = [[filters.start, filters.end, *_figures(costs.totals_of(series))]]
@@ -304,7 +304,7 @@ def _csv_response(user, filters: costs.ReportFilters, table: str) -> HttpRespons
     elif table in costs.GROUPINGS:
         grouping = costs.GROUPINGS[table]
         header = [grouping.title.lower(), *FIGURE_HEADERS]
-        rows = [[row["label"], *_figures(row)] for row in costs.grouped(records, grouping)]
+        rows = [[row["label"], *_figures(row)] for row in costs.grouped(daily, grouping)]
     else:
         found = costs.expensive_runs(
             costs.filtered_runs(user, filters), max_anomalies=CSV_MAX_ANOMALIES

@@ -1,20 +1,27 @@
-"""What LLM calls cost: report queries, the per-run breakdown, and workflow / global spend caps.
+"""What LLM calls cost: report queries, the per-run breakdown, workflow / global spend caps, and
+the daily rollup of usage that the reports and caps read.
 
-Every figure comes from `UsageRecord` rows and is aggregated in SQL (GROUP BY, window functions,
-`percentile_cont` on PostgreSQL); Python only loops over the aggregated groups, never over usage
-rows. The pages live in `runs/cost_views.py`.
+Every figure is aggregated in SQL (GROUP BY, window functions, `percentile_cont` on PostgreSQL);
+Python only loops over the aggregated groups, never over usage rows. The pages live in
+`runs/cost_views.py`.
 
 Money is US dollars (LiteLLM's price map is in dollars). "Cached" tokens are the part of the
 prompt that the provider served from its prompt cache, so they are counted inside `prompt`.
 
-Report queries use the indexes `UsageRecord` declares: `at` for the date range and
-(workflow|agent|model|user, at) when the report is filtered by one of those.
+Totals, the chart and the grouped tables sum `UsageDaily` rows (one per UTC day, workflow,
+agent, model and user), kept equal to the `UsageRecord` sums in the same transactions that
+change the records (see "daily rollup" below). Report days are UTC days, so a day is one rollup
+row per key and never a part of one. Top runs and anomalies use the totals on `Run`; the
+per-run breakdown reads that run's records.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -24,11 +31,22 @@ from django.contrib.auth import get_user_model
 from django.core.cache import cache
 from django.core.mail import mail_admins, send_mail
 from django.db import connection, transaction
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
-from django.db.models.functions import Coalesce, TruncDay, TruncMonth, TruncWeek
+from django.db.models import (
+    Count,
+    DateField,
+    F,
+    Max,
+    Min,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+)
+from django.db.models.functions import Coalesce, TruncMonth, TruncWeek
 from django.utils import timezone
 
-from runs.models import Run, Step, UsageRecord
+from runs.models import Run, Step, UsageDaily, UsageRecord
 from teams.models import Agent, Workflow
 
 log = logging.getLogger(__name__)
@@ -39,8 +57,6 @@ ANOMALY_FACTOR = 3
 WARN_SHARE = Decimal("0.8")
 TOP_RUNS = 20
 MAX_ANOMALIES = 50
-
-BUCKETS = {"day": TruncDay, "week": TruncWeek, "month": TruncMonth}
 
 
 # --- formatting -------------------------------------------------------------------------------
@@ -72,21 +88,21 @@ def money(value) -> str:
 # --- scope and filters ------------------------------------------------------------------------
 
 
-def usage_for_user(user) -> QuerySet:
-    """The usage records `user` may see: the same rule as `Run.objects.for_user`.
+def daily_usage_for_user(user) -> QuerySet:
+    """The rollup rows `user` may see: the same rule as `Run.objects.for_user`.
 
     Staff see everything. Others see usage of workflows they own or are a member of, plus usage of
-    runs they started. `UsageRecord.workflow` is the run's workflow (the engine copies it), so the
-    filter runs on the (workflow, at) index instead of joining every record to its run.
+    runs they started. A rollup row has no run, but its `user` is the starter of the runs it sums
+    (the engine records `run.started_by` on every call, and both become NULL together if the user
+    is deleted), so "runs they started" is `user = them`.
     """
-    records = UsageRecord.objects.all()
+    rows = UsageDaily.objects.all()
     if not user.is_authenticated:
-        return records.none()
+        return rows.none()
     if user.is_staff:
-        return records
+        return rows
     workflows = Workflow.objects.filter(Q(owner=user) | Q(members=user)).values("pk")
-    own_runs = Run.objects.filter(started_by=user).values("pk")
-    return records.filter(Q(workflow_id__in=workflows) | Q(run_id__in=own_runs))
+    return rows.filter(Q(workflow_id__in=workflows) | Q(user=user))
 
 
 @dataclass(frozen=True)
@@ -131,26 +147,28 @@ def bucket_starts(start: dt.date, end: dt.date, bucket: str) -> list[dt.date]:
     return starts
 
 
-def filtered_usage(user, filters: ReportFilters) -> QuerySet:
-    records = usage_for_user(user).filter(at__gte=filters.since, at__lt=filters.until)
+def filtered_daily_usage(user, filters: ReportFilters) -> QuerySet:
+    """The rollup rows of the report: visible to `user`, in the range, narrowed by the filters."""
+    rows = daily_usage_for_user(user).filter(day__gte=filters.start, day__lte=filters.end)
     if filters.workflow is not None:
-        records = records.filter(workflow=filters.workflow)
+        rows = rows.filter(workflow=filters.workflow)
     if filters.agent is not None:
-        records = records.filter(agent=filters.agent)
+        rows = rows.filter(agent=filters.agent)
     if filters.model:
-        records = records.filter(model=filters.model)
+        rows = rows.filter(model=filters.model)
     if filters.user is not None:
-        records = records.filter(user=filters.user)
-    return records
+        rows = rows.filter(user=filters.user)
+    return rows
 
 
 # --- report tables ----------------------------------------------------------------------------
 
-# Aggregate names must not clash with UsageRecord's own fields (cost, prompt_tokens...).
+# Aggregate names must not clash with the models' own fields (cost, prompt_tokens...).
 FIGURES = ("spent", "prompt", "completion", "cached", "tokens", "calls")
 
 
 def _sums() -> dict:
+    """The figures of a group of UsageRecord rows (one row per call)."""
     return {
         "spent": Sum("cost"),
         "prompt": Sum("prompt_tokens"),
@@ -159,6 +177,11 @@ def _sums() -> dict:
         "tokens": Sum("total_tokens"),
         "calls": Count("*"),
     }
+
+
+def _daily_sums() -> dict:
+    """The same figures from UsageDaily rows (one row per day and key, `call_count` calls)."""
+    return {**_sums(), "calls": Sum("call_count")}
 
 
 def _clean_figures(row: dict) -> dict:
@@ -187,11 +210,23 @@ def _add_figures(total: dict, row: dict) -> None:
     total["cost_text"] = money(total["spent"])
 
 
-def time_series(records: QuerySet, filters: ReportFilters) -> list[dict]:
+def _bucket_of_day(bucket: str):
+    if bucket == "day":
+        return F("day")
+    trunc = TruncWeek if bucket == "week" else TruncMonth
+    return trunc("day", output_field=DateField())
+
+
+def time_series(daily: QuerySet, filters: ReportFilters) -> list[dict]:
     """One row per bucket in the range, empty buckets included (so the chart's x axis is
-    honest). The database does the grouping; the gap filling loops over buckets only."""
-    trunc = BUCKETS[filters.bucket]("at", tzinfo=dt.UTC)
-    rows = records.order_by().annotate(bucket=trunc).values("bucket").annotate(**_sums())
+    honest). The database groups the rollup rows of `filtered_daily_usage`; the gap filling
+    loops over buckets only."""
+    rows = (
+        daily.order_by()
+        .annotate(bucket=_bucket_of_day(filters.bucket))
+        .values("bucket")
+        .annotate(**_daily_sums())
+    )
     by_start = {}
     for row in rows:
         bucket = row.pop("bucket")
@@ -215,7 +250,7 @@ def totals_of(series: list[dict]) -> dict:
 class Grouping:
     name: str
     title: str
-    column: str  # UsageRecord column grouped on
+    column: str  # UsageDaily column grouped on
     filter_param: str  # the report filter that narrows to one group
 
 
@@ -250,12 +285,12 @@ def _labels(grouping: Grouping, keys: list) -> dict:
     return {key: labels.get(key, (missing, "")) for key in keys}
 
 
-def grouped(records: QuerySet, grouping: Grouping, limit: int | None = None) -> list[dict]:
-    """Figures per workflow / agent / model / user, most expensive first."""
+def grouped(daily: QuerySet, grouping: Grouping, limit: int | None = None) -> list[dict]:
+    """Figures per workflow / agent / model / user from rollup rows, most expensive first."""
     rows = (
-        records.order_by()
+        daily.order_by()
         .values(grouping.column)
-        .annotate(**_sums())
+        .annotate(**_daily_sums())
         .order_by("-spent", grouping.column)
     )
     if limit is not None:
@@ -286,7 +321,8 @@ def filtered_runs(user, filters: ReportFilters) -> QuerySet:
         runs = runs.filter(started_by=filters.user)
     if filters.agent is not None or filters.model:
         # A run's calls come after its creation: the lower bound keeps the subquery on the
-        # (agent, at) / (model, at) index.
+        # (agent, at) / (model, at) index, which includes run_id (an index-only scan). The one
+        # report part that still reads records in bulk: its cost grows with the calls matched.
         calls = UsageRecord.objects.filter(at__gte=filters.since)
         if filters.agent is not None:
             calls = calls.filter(agent=filters.agent)
@@ -297,21 +333,25 @@ def filtered_runs(user, filters: ReportFilters) -> QuerySet:
 
 
 def _medians_sql() -> str:
-    """Per-workflow median of the run costs, in SQL. PostgreSQL has percentile_cont; SQLite
-    gets the middle row(s) of each workflow from ROW_NUMBER over the same partition."""
+    """Per-workflow median of the run costs and the anomaly threshold (ANOMALY_FACTOR x median),
+    in SQL. PostgreSQL has percentile_cont; SQLite gets the middle row(s) of each workflow from
+    ROW_NUMBER over the same partition."""
     if connection.vendor == "postgresql":
-        return (
-            "SELECT workflow_id, CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY spent) "
-            "AS numeric) AS median FROM report_runs GROUP BY workflow_id"
+        medians = (
+            "SELECT workflow_id, CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY spent)"
+            " AS numeric) AS median FROM report_runs GROUP BY workflow_id"
         )
-    return (
-        "SELECT workflow_id, AVG(spent) AS median FROM ("
-        " SELECT workflow_id, spent,"
-        "  ROW_NUMBER() OVER (PARTITION BY workflow_id ORDER BY spent) AS rn,"
-        "  COUNT(*) OVER (PARTITION BY workflow_id) AS n"
-        " FROM report_runs) ranked "
-        "WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY workflow_id"
-    )
+    else:
+        medians = (
+            "SELECT workflow_id, AVG(spent) AS median FROM ("
+            " SELECT workflow_id, spent,"
+            "  ROW_NUMBER() OVER (PARTITION BY workflow_id ORDER BY spent) AS rn,"
+            "  COUNT(*) OVER (PARTITION BY workflow_id) AS n"
+            " FROM report_runs) ranked "
+            "WHERE rn IN ((n + 1) / 2, (n + 2) / 2) GROUP BY workflow_id"
+        )
+    # The threshold once per workflow, not a multiplication per run compared.
+    return f"SELECT workflow_id, median, {ANOMALY_FACTOR} * median AS threshold FROM ({medians}) m"
 
 
 def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX_ANOMALIES) -> dict:
@@ -319,8 +359,10 @@ def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX
 
     1. report_runs: the runs of the report with their cost (from `filtered_runs`);
     2. medians: each workflow's median run cost over those same runs;
-    3. the top runs by cost, and the runs costing more than ANOMALY_FACTOR x their workflow's
-       median, with the total number of anomalies from a window count taken before the LIMIT;
+    3. the top runs by cost (a top-N sort of report_runs, then their medians), and the runs
+       costing more than ANOMALY_FACTOR x their workflow's median, with the total number of
+       anomalies from a window count taken before the LIMIT. Only the few rows listed are
+       joined to their medians for the top list, not every run of the range;
     4. one small query adds the cached tokens and call counts of the runs listed.
     Returns {"top": [...], "anomalies": [...], "anomaly_count": int}.
     """
@@ -330,23 +372,24 @@ def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX
         .query.sql_with_params()
     )
     columns = "run_id, workflow_id, spent, prompt, completion, tokens, median"
+    run_columns = "r.run_id, r.workflow_id, r.spent, r.prompt, r.completion, r.tokens"
     sql = (
         "WITH report_runs (run_id, workflow_id, spent, prompt, completion, tokens) AS "
-        f"({inner}), medians AS ({_medians_sql()}), "
-        "flagged AS (SELECT r.run_id, r.workflow_id, r.spent, r.prompt, r.completion,"
-        " r.tokens, m.median FROM report_runs r"
-        " JOIN medians m ON m.workflow_id = r.workflow_id) "
-        f"SELECT 'top', {columns}, 0 FROM ("
-        f" SELECT {columns} FROM flagged ORDER BY spent DESC, run_id DESC LIMIT %s) t "
+        f"({inner}), medians AS ({_medians_sql()}) "
+        f"SELECT 'top', {run_columns}, m.median, 0 FROM ("
+        " SELECT * FROM report_runs ORDER BY spent DESC, run_id DESC LIMIT %s) r"
+        " JOIN medians m ON m.workflow_id = r.workflow_id "
         "UNION ALL "
         f"SELECT 'anomaly', {columns}, total FROM ("
-        f" SELECT {columns}, COUNT(*) OVER () AS total FROM flagged"
-        f" WHERE spent > {ANOMALY_FACTOR} * median"
-        " ORDER BY spent DESC, run_id DESC LIMIT %s) a"
+        f" SELECT {run_columns}, m.median, COUNT(*) OVER () AS total FROM report_runs r"
+        " JOIN medians m ON m.workflow_id = r.workflow_id"
+        " WHERE r.spent > m.threshold"
+        " ORDER BY r.spent DESC, r.run_id DESC LIMIT %s) a"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, (*params, top, max_anomalies))
-        fetched = cursor.fetchall()
+        # Most expensive first in each list (a join does not keep the order it was given).
+        fetched = sorted(cursor.fetchall(), key=lambda row: (row[3], row[1]), reverse=True)
     names = ["list", *[c.strip() for c in columns.split(",")], "total"]
     rows = [dict(zip(names, values, strict=True)) for values in fetched]
     ids = {row["run_id"] for row in rows}
@@ -377,7 +420,9 @@ def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX
 
 
 def build_report(user, filters: ReportFilters, table_limit: int = 50) -> dict:
-    """Everything the reports page shows, in seven aggregate queries over indexed ranges.
+    """Everything the reports page shows, in seven aggregate queries: five over the day range of
+    the rollup (a few thousand rows for a month), the runs query over the Run range, and one
+    small query over the records of the runs listed.
 
     On PostgreSQL the queries run in one transaction with JIT off (compiling costs more than
     it saves on these short scans) and enough work_mem to keep the hash tables in memory.
@@ -387,11 +432,11 @@ def build_report(user, filters: ReportFilters, table_limit: int = 50) -> dict:
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL jit = off")
                 cursor.execute("SET LOCAL work_mem = '32MB'")
-        records = filtered_usage(user, filters)
-        series = time_series(records, filters)
+        daily = filtered_daily_usage(user, filters)
+        series = time_series(daily, filters)
         runs = expensive_runs(filtered_runs(user, filters))
         tables = {
-            name: grouped(records, grouping, limit=table_limit + 1)
+            name: grouped(daily, grouping, limit=table_limit + 1)
             for name, grouping in GROUPINGS.items()
         }
     return {
@@ -499,9 +544,10 @@ def run_breakdown(run: Run) -> dict:
 
 # --- spend caps -------------------------------------------------------------------------------
 
-# Past days of the month are summed once and cached (they do not change, except through a
-# price recompute, which bumps the generation); today's spend is always read live. So a cap
-# check before an LLM call reads one day of records, not a month of them.
+# Spend comes from the daily rollup: today's rows are live (every call updates them in its own
+# transaction), so a cap check reads a few rows per workflow, not a day of records. Past days of
+# the month are summed once and cached besides (they do not change, except through a price
+# recompute, which bumps the generation).
 PAST_SPEND_TTL_S = 3600
 _GENERATION_KEY = "baton:costs:generation"
 
@@ -534,9 +580,10 @@ def _spend(workflow_ids: list[int], include_global: bool, now: dt.datetime) -> d
     """{workflow id or None (global): (spent today, spent this month)} in UTC periods."""
     day_start, month_start = _period_starts(now)
     result = {}
+    today_day, month_day = day_start.date(), month_start.date()
     if workflow_ids:
         today = dict(
-            UsageRecord.objects.filter(workflow_id__in=workflow_ids, at__gte=day_start)
+            UsageDaily.objects.filter(workflow_id__in=workflow_ids, day__gte=today_day)
             .order_by()
             .values("workflow_id")
             .annotate(s=Sum("cost"))
@@ -545,7 +592,7 @@ def _spend(workflow_ids: list[int], include_global: bool, now: dt.datetime) -> d
     else:
         today = {}
     if include_global:
-        today[None] = UsageRecord.objects.filter(at__gte=day_start).aggregate(s=Sum("cost"))["s"]
+        today[None] = UsageDaily.objects.filter(day__gte=today_day).aggregate(s=Sum("cost"))["s"]
 
     scopes = [*workflow_ids, *([None] if include_global else [])]
     past: dict = {scope: ZERO for scope in scopes}
@@ -561,8 +608,8 @@ def _spend(workflow_ids: list[int], include_global: bool, now: dt.datetime) -> d
         missing_ids = [scope for scope in missing if scope is not None]
         if missing_ids:
             fresh.update(
-                UsageRecord.objects.filter(
-                    workflow_id__in=missing_ids, at__gte=month_start, at__lt=day_start
+                UsageDaily.objects.filter(
+                    workflow_id__in=missing_ids, day__gte=month_day, day__lt=today_day
                 )
                 .order_by()
                 .values("workflow_id")
@@ -570,8 +617,8 @@ def _spend(workflow_ids: list[int], include_global: bool, now: dt.datetime) -> d
                 .values_list("workflow_id", "s")
             )
         if None in missing:
-            fresh[None] = UsageRecord.objects.filter(
-                at__gte=month_start, at__lt=day_start
+            fresh[None] = UsageDaily.objects.filter(
+                day__gte=month_day, day__lt=today_day
             ).aggregate(s=Sum("cost"))["s"]
         if missing:
             cache.set_many(
@@ -807,6 +854,178 @@ def _send_notice_once(level: str, status: CapStatus) -> bool:
         cache.delete(key)
         return False
     return True
+
+
+# --- daily rollup -----------------------------------------------------------------------------
+
+_KEY_COLUMNS = ("day", "workflow_id", "agent_id", "model", "user_id")
+_SUM_COLUMNS = (
+    "cost",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "total_tokens",
+    "call_count",
+)
+# The expressions of UsageDaily's unique constraint `usage_daily_key`, so PostgreSQL and SQLite
+# both infer that index as the upsert's conflict target.
+_CONFLICT_TARGET = (
+    "(day, (COALESCE(workflow_id, 0)), (COALESCE(agent_id, 0)), model, (COALESCE(user_id, 0)))"
+)
+_receivers_paused = contextvars.ContextVar("baton_daily_usage_receivers_paused", default=False)
+
+
+def _quoted(model) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _utc_day_sql() -> str:
+    """The UTC day of UsageRecord.at in SQL. SQLite stores aware datetimes as UTC text."""
+    if connection.vendor == "postgresql":
+        return "CAST((at AT TIME ZONE 'UTC') AS date)"
+    return "date(at)"
+
+
+def _upsert_sql(source: str) -> str:
+    """INSERT the rows of `source` (VALUES or a SELECT of key and sum columns) into UsageDaily,
+    adding each to the row of its key when there is one. One statement: concurrent writers of
+    one key queue on that row's lock and each adds its own figures, none is lost."""
+    table = _quoted(UsageDaily)
+    adds = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in _SUM_COLUMNS)
+    return (
+        f"INSERT INTO {table} ({', '.join(_KEY_COLUMNS)}, {', '.join(_SUM_COLUMNS)}) {source} "
+        f"ON CONFLICT {_CONFLICT_TARGET} DO UPDATE SET {adds}"
+    )
+
+
+def _record_sums_sql(sign: str = "") -> str:
+    """Key and sums of UsageRecord rows grouped by rollup key (negated with sign="-")."""
+    day = _utc_day_sql()
+    return (
+        f"SELECT {day}, workflow_id, agent_id, model, user_id, {sign}SUM(cost), "
+        f"{sign}SUM(prompt_tokens), {sign}SUM(completion_tokens), {sign}SUM(cached_tokens), "
+        f"{sign}SUM(total_tokens), {sign}COUNT(*) FROM {_quoted(UsageRecord)} WHERE {{where}} "
+        f"GROUP BY {day}, workflow_id, agent_id, model, user_id"
+    )
+
+
+def add_to_daily_usage(record: UsageRecord) -> None:
+    """Count one recorded LLM call in the daily rollup: one upsert statement.
+
+    Call it in the transaction that inserts the record (StepContext._record_call does), so the
+    rollup and the records commit together. Make it the transaction's last write: the row of a
+    busy key (same day, workflow, agent, model and user) is then locked only until the commit.
+    """
+    ops = connection.ops
+    day = record.at.astimezone(dt.UTC).date()
+    params = [
+        ops.adapt_datefield_value(day),
+        record.workflow_id,
+        record.agent_id,
+        record.model,
+        record.user_id,
+        Decimal(str(record.cost)),
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.total_tokens,
+        1,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(f"VALUES ({', '.join(['%s'] * len(params))})"), params)
+
+
+def _day_bounds(first_day: dt.date, last_day: dt.date) -> list:
+    since = dt.datetime.combine(first_day, dt.time.min, tzinfo=dt.UTC)
+    until = dt.datetime.combine(last_day + dt.timedelta(days=1), dt.time.min, tzinfo=dt.UTC)
+    return [connection.ops.adapt_datetimefield_value(value) for value in (since, until)]
+
+
+def rebuild_daily_usage(first_day: dt.date, last_day: dt.date, *, model: str | None = None) -> int:
+    """Recompute the rollup of the UTC days [first_day, last_day] (of one model, if given) from
+    the usage records. Returns the number of rollup rows written.
+
+    1. Lock the rollup against writers. On PostgreSQL, SHARE ROW EXCLUSIVE waits for the
+       transactions that already upserted and holds off new upserts until the commit; a call
+       recorded meanwhile commits after us and adds itself to the rebuilt row. (SQLite has one
+       writer at a time anyway.)
+    2. Delete the rows of those days.
+    3. Insert the sums of the records of those days, grouped by key: one INSERT ... SELECT.
+    """
+    table = _quoted(UsageDaily)
+    where = "at >= %s AND at < %s"
+    params = _day_bounds(first_day, last_day)
+    if model is not None:
+        where += " AND model = %s"
+        params.append(model)
+    stale = UsageDaily.objects.filter(day__gte=first_day, day__lte=last_day)
+    if model is not None:
+        stale = stale.filter(model=model)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+        stale.delete()
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(_KEY_COLUMNS)}, {', '.join(_SUM_COLUMNS)}) "
+            + _record_sums_sql().format(where=where),
+            params,
+        )
+        return cursor.rowcount
+
+
+def remove_run_from_daily_usage(run_id: int) -> None:
+    """Take a run's calls out of the rollup before the run (and its records, by cascade) is
+    deleted: the pre_delete receiver of Run calls it inside the deletion's transaction.
+
+    1. Lock the run row: a call of this run being recorded right now commits first, and no new
+       one can start (its record insert needs a key-share lock on the run).
+    2. Upsert the run's sums, negated, into the rollup.
+    3. Delete the rows of those days left with no calls, so the reports show no empty groups.
+    """
+    if _receivers_paused.get():
+        return
+    with transaction.atomic():
+        list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
+        span = UsageRecord.objects.filter(run_id=run_id).aggregate(first=Min("at"), last=Max("at"))
+        if span["first"] is None:
+            return
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _upsert_sql(_record_sums_sql(sign="-").format(where="run_id = %s")), [run_id]
+            )
+        UsageDaily.objects.filter(
+            day__gte=span["first"].astimezone(dt.UTC).date(),
+            day__lte=span["last"].astimezone(dt.UTC).date(),
+            call_count__lte=0,
+        ).delete()
+
+
+def fold_deleted_key_in_daily_usage(column: str, pk: int) -> None:
+    """A workflow, agent or user is being deleted: its records' column becomes NULL (SET_NULL),
+    so move its rollup rows onto the NULL key, adding them to rows already there. The pre_delete
+    receivers call it inside the deletion's transaction."""
+    if _receivers_paused.get():
+        return
+    if column not in ("workflow_id", "agent_id", "user_id"):
+        raise ValueError(f"not a rollup key column: {column}")
+    table = _quoted(UsageDaily)
+    keys = ", ".join("CAST(NULL AS bigint)" if name == column else name for name in _KEY_COLUMNS)
+    source = f"SELECT {keys}, {', '.join(_SUM_COLUMNS)} FROM {table} WHERE {column} = %s"
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(source), [pk])
+        cursor.execute(f"DELETE FROM {table} WHERE {column} = %s", [pk])
+
+
+@contextmanager
+def daily_usage_receivers_paused() -> Iterator[None]:
+    """Skip the rollup's delete receivers in this context (thread / task), for a bulk deletion
+    that rebuilds the days it touched afterwards (`make_usage_fixture --clear` does): one
+    rebuild instead of a statement per deleted run."""
+    token = _receivers_paused.set(True)
+    try:
+        yield
+    finally:
+        _receivers_paused.reset(token)
 
 
 # --- admin ------------------------------------------------------------------------------------

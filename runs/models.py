@@ -5,7 +5,10 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
+from django.db.models.signals import pre_delete
+from django.dispatch import receiver
 
 ZERO = Decimal(0)
 
@@ -17,9 +20,10 @@ class RunQuerySet(models.QuerySet):
             return self.none()
         if user.is_staff:
             return self.all()
-        return self.filter(
-            Q(workflow__owner=user) | Q(workflow__members=user) | Q(started_by=user)
-        ).distinct()
+        from teams.models import Workflow
+
+        visible = Workflow.objects.filter(Q(owner=user) | Q(members=user)).values("pk")
+        return self.filter(Q(workflow__in=visible) | Q(started_by=user))
 
     def active(self) -> "RunQuerySet":
         return self.filter(status__in=Run.ACTIVE)
@@ -236,10 +240,6 @@ class RunEvent(models.Model):
         super().save(*args, **kwargs)
 
 
-_REPORTED = ["cost", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens",
-             "model", "run"]
-
-
 class UsageRecord(models.Model):
     """One LLM call: its usage, its price and the response, so a redelivered step replays the
     call from here instead of paying for it again."""
@@ -276,20 +276,110 @@ class UsageRecord(models.Model):
                 fields=["step", "epoch", "call_index"], name="unique_llm_call_per_step"
             )
         ]
-        # The cost reports aggregate by time range, optionally one workflow: covering indexes
-        # let PostgreSQL answer them from the index alone (SQLite ignores `include`).
+        # The cost reports and spend caps sum UsageDaily, not these rows. Records are read by
+        # time range (rollup rebuilds) and, for the reports' runs filtered by agent or model,
+        # as the runs that made such calls: `run` is included so PostgreSQL answers that from
+        # the index alone (SQLite ignores `include`). The foreign keys have their own indexes.
         indexes = [
-            models.Index(fields=["at"], include=["workflow", "agent", "user", *_REPORTED],
-                         name="usage_report_at_idx"),
-            models.Index(fields=["workflow", "at"], include=["agent", "user", *_REPORTED],
-                         name="usage_report_wf_idx"),
-            models.Index(fields=["agent", "at"]),
-            models.Index(fields=["model", "at"]),
-            models.Index(fields=["user", "at"]),
+            models.Index(fields=["at"], name="usage_at_idx"),
+            models.Index(fields=["agent", "at"], include=["run"], name="usage_agent_at_idx"),
+            models.Index(fields=["model", "at"], include=["run"], name="usage_model_at_idx"),
         ]
 
     def __str__(self) -> str:
         return f"{self.model}: {self.total_tokens} tokens, ${self.cost}"
+
+
+class UsageDaily(models.Model):
+    """The daily rollup of UsageRecord that the cost reports read: one row per UTC day,
+    workflow, agent, model and user (the run's starter), with the sums of that group's calls.
+    A month of reports reads thousands of these rows instead of a million records.
+
+    It changes in the same transaction as the records it sums (runs/costs.py, "daily rollup"):
+    1. every recorded LLM call adds itself with an atomic upsert (`costs.add_to_daily_usage`,
+       from StepContext._record_call), so parallel workers never lose an increment;
+    2. a price recompute rebuilds the days it repriced (`costs.rebuild_daily_usage`), as does
+       `manage.py rebuild_usage_rollup`;
+    3. deleting a run takes its calls out; deleting an agent, workflow or user moves its rows to
+       the "none" key, as SET_NULL does to the records (the receivers below). The foreign keys
+       are DO_NOTHING because a plain SET_NULL could collide with an existing "none" row.
+
+    The unique key coalesces NULL ids to 0 so NULLs are not distinct on PostgreSQL and SQLite
+    alike; the upsert names the same expressions as its conflict target.
+    """
+
+    day = models.DateField()
+    workflow = models.ForeignKey(
+        "teams.Workflow", null=True, on_delete=models.DO_NOTHING, related_name="+",
+        db_index=False,
+    )
+    agent = models.ForeignKey(
+        "teams.Agent", null=True, on_delete=models.DO_NOTHING, related_name="+", db_index=False
+    )
+    model = models.CharField(max_length=200)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, related_name="+",
+        db_index=False,
+    )
+    cost = models.DecimalField(max_digits=18, decimal_places=8, default=ZERO)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    call_count = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "daily usage"
+        constraints = [
+            models.UniqueConstraint(
+                F("day"), Coalesce("workflow", 0), Coalesce("agent", 0), F("model"),
+                Coalesce("user", 0), name="usage_daily_key",
+            )
+        ]
+        # The unique key, led by `day`, serves the unfiltered range; these serve a filter or the
+        # access scope (workflow or user). Only a day's first call of a key writes to them: the
+        # upserts that follow change sums alone (HOT updates on PostgreSQL).
+        indexes = [
+            models.Index(fields=["workflow", "day"], name="usage_daily_wf_idx"),
+            models.Index(fields=["user", "day"], name="usage_daily_user_idx"),
+            models.Index(fields=["agent", "day"], name="usage_daily_agent_idx"),
+            models.Index(fields=["model", "day"], name="usage_daily_model_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model}: {self.call_count} calls, ${self.cost}"
+
+
+# Receivers live here, next to the model, so they are connected in every process (web, worker,
+# shell); the SQL is in runs/costs.py, imported on use (it imports this module).
+
+
+@receiver(pre_delete, sender=Run, dispatch_uid="usage_daily_run_deleted")
+def _run_deleted(sender, instance: Run, **kwargs) -> None:
+    from runs import costs
+
+    costs.remove_run_from_daily_usage(instance.pk)
+
+
+@receiver(pre_delete, sender="teams.Workflow", dispatch_uid="usage_daily_workflow_deleted")
+def _workflow_deleted(sender, instance, **kwargs) -> None:
+    from runs import costs
+
+    costs.fold_deleted_key_in_daily_usage("workflow_id", instance.pk)
+
+
+@receiver(pre_delete, sender="teams.Agent", dispatch_uid="usage_daily_agent_deleted")
+def _agent_deleted(sender, instance, **kwargs) -> None:
+    from runs import costs
+
+    costs.fold_deleted_key_in_daily_usage("agent_id", instance.pk)
+
+
+@receiver(pre_delete, sender=settings.AUTH_USER_MODEL, dispatch_uid="usage_daily_user_deleted")
+def _user_deleted(sender, instance, **kwargs) -> None:
+    from runs import costs
+
+    costs.fold_deleted_key_in_daily_usage("user_id", instance.pk)
 
 
 class ModelPrice(models.Model):

@@ -6,12 +6,14 @@ for a model, LiteLLM's bundled price map is the fallback (source "litellm-map"),
 recorded at 0 as "unpriced" so reports show what still needs a price.
 """
 
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
+from django.db import transaction
 from django.db.models import DecimalField, ExpressionWrapper, F, Value
 from django.utils import timezone
 
+from runs.costs import rebuild_daily_usage
 from runs.models import ModelPrice, UsageRecord
 
 SOURCE_PRICE_TABLE = "price-table"
@@ -67,8 +69,26 @@ def recompute_usage(start: date | datetime, end: date | datetime, model: str | N
     1. Find the models used in the range.
     2. Records before the model's first price get LiteLLM's map price, or 0 "unpriced".
     3. Each price period [effective_from, next effective_from) gets that price.
+    4. Rebuild the daily rollup (runs.costs) of every UTC day the range touches, for the
+       repriced models, in the same transaction: the reports never see the new record costs
+       with the old day sums.
     """
     start_at, end_at = _bounds(start, end)
+    with transaction.atomic():
+        updated = _reprice(start_at, end_at, model)
+        _rebuild_rollup(start_at, end_at, model)
+    return updated
+
+
+def _rebuild_rollup(start_at: datetime, end_at: datetime, model: str | None) -> None:
+    if end_at <= start_at:
+        return
+    first_day = start_at.astimezone(UTC).date()
+    last_day = (end_at - timedelta(microseconds=1)).astimezone(UTC).date()
+    rebuild_daily_usage(first_day, last_day, model=model)
+
+
+def _reprice(start_at: datetime, end_at: datetime, model: str | None) -> int:
     in_range = UsageRecord.objects.filter(at__gte=start_at, at__lt=end_at)
     if model is not None:
         in_range = in_range.filter(model=model)

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from runs import costs
 from runs.models import ModelPrice, Run, Step, UsageRecord
-from tests.costs.usage import at, make_run, make_usage
+from tests.costs.usage import assert_rollup_matches_records, at, make_run, make_usage
 from tests.factories import make_agent, make_workflow, pipeline_spec
 
 pytestmark = pytest.mark.django_db
@@ -170,6 +170,8 @@ def test_usage_fixture_command_makes_consistent_runs_and_clears_them(alice):
     # Spread over the days asked for, not all stamped "now".
     oldest = fixture_runs.aggregate(m=Min("created_at"))["m"]
     assert timezone.now() - dt.timedelta(days=10) <= oldest < timezone.now() - dt.timedelta(days=1)
+    # The reports' rollup covers the bulk-inserted records.
+    assert_rollup_matches_records()
 
     call_command(
         "make_usage_fixture",
@@ -183,3 +185,4 @@ def test_usage_fixture_command_makes_consistent_runs_and_clears_them(alice):
     )
     assert UsageRecord.objects.count() == 50
     assert Run.objects.filter(workflow__slug__startswith="fixture-").count() == 5
+    assert_rollup_matches_records()

@@ -10,12 +10,24 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from runs.models import ModelPrice, Run, RunEvent, Step, Switch, ToolCall, ToolHealth, UsageRecord
+from runs.models import (
+    ModelPrice,
+    Run,
+    RunEvent,
+    Step,
+    Switch,
+    ToolCall,
+    ToolHealth,
+    UsageDaily,
+    UsageRecord,
+)
 from teams.models import OutboxMessage, Tool, Workflow, WorkflowVersion
 
 pytestmark = pytest.mark.django_db
 
-READ_ONLY = {WorkflowVersion, RunEvent, UsageRecord, OutboxMessage, Run, Step, ToolCall}
+READ_ONLY = {
+    WorkflowVersion, RunEvent, UsageRecord, UsageDaily, OutboxMessage, Run, Step, ToolCall,
+}
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 benchmark (1M usage records / 100k runs in a few minutes).
 
 Everything it makes is named `fixture-...` (users, agents, workflows), so `--clear` removes a
-previous fixture, and nothing else, before making a new one.
+previous fixture, and nothing else, before making a new one. The records are bulk-inserted, so
+the daily rollup the reports read is rebuilt afterwards for the days they (and a cleared
+fixture) cover, from all records of those days.
 
     manage.py make_usage_fixture --records 1000000 --runs 100000 --days 90 --clear
 """
@@ -18,9 +20,11 @@ from decimal import Decimal
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
+from django.db.models import Max, Min
 from django.utils import timezone
 
-from runs.models import Run, Step, UsageRecord
+from runs import costs
+from runs.models import Run, Step, UsageDaily, UsageRecord
 from teams.models import Agent, Role, Workflow, WorkflowVersion
 
 PREFIX = "fixture-"
@@ -90,6 +94,8 @@ class Command(BaseCommand):
             raise CommandError("--runs cannot exceed --records (every run makes a call)")
         rng = random.Random(seed)
         started = time.monotonic()
+        # The UTC days of the new records, whose rollup is rebuilt at the end.
+        self._days: set[dt.date] = set()
         if clear:
             self._clear()
         people, agent_rows, flows = self._design(rng, users, agents, workflows)
@@ -109,10 +115,13 @@ class Command(BaseCommand):
                     f"  {made_runs} runs, {made_records} records, "
                     f"{time.monotonic() - started:.0f} s"
                 )
+        rolled = time.monotonic()
+        costs.rebuild_daily_usage(min(self._days), max(self._days))
+        self.stdout.write(f"Rebuilt the daily rollup in {time.monotonic() - rolled:.1f} s.")
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute(f"ANALYZE {UsageRecord._meta.db_table}")
-                cursor.execute(f"ANALYZE {Run._meta.db_table}")
+                for model in (UsageRecord, Run, UsageDaily):
+                    cursor.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
         self.stdout.write(
             self.style.SUCCESS(
                 f"Made {made_runs} runs and {made_records} usage records in "
@@ -124,7 +133,13 @@ class Command(BaseCommand):
 
     def _clear(self) -> None:
         flows = Workflow.objects.filter(slug__startswith=PREFIX)
-        with transaction.atomic():
+        span = UsageRecord.objects.filter(workflow__in=flows).aggregate(
+            first=Min("at"), last=Max("at")
+        )
+        # One rebuild of the cleared days, in the deletion's transaction (before the rollup's
+        # foreign keys are checked at commit), instead of a rollup statement per deleted run,
+        # agent and user.
+        with transaction.atomic(), costs.daily_usage_receivers_paused():
             UsageRecord.objects.filter(workflow__in=flows).delete()
             Step.objects.filter(run__workflow__in=flows).delete()
             Run.objects.filter(workflow__in=flows).delete()
@@ -133,6 +148,10 @@ class Command(BaseCommand):
             Agent.objects.filter(name__startswith=PREFIX).delete()
             Role.objects.filter(name__startswith=PREFIX).delete()
             get_user_model().objects.filter(username__startswith=PREFIX).delete()
+            if span["first"] is not None:
+                costs.rebuild_daily_usage(
+                    span["first"].astimezone(dt.UTC).date(), span["last"].astimezone(dt.UTC).date()
+                )
         self.stdout.write("Cleared the previous fixture.")
 
     def _design(self, rng: random.Random, users: int, agents: int, workflows: int):
@@ -208,6 +227,7 @@ class Command(BaseCommand):
                 ) / MILLION
                 cost = cost.quantize(Q8)
                 at = created + dt.timedelta(seconds=call * rng.uniform(0.5, 6))
+                self._days.add(at.astimezone(dt.UTC).date())
                 usage.append(
                     (
                         slot,
