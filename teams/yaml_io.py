@@ -214,12 +214,13 @@ def export_data(workflow: Workflow) -> dict:
     }
     if workflow.approver_group_id:
         workflow_data["approver_group"] = workflow.approver_group.name
-    workflow_data["layout"] = workflow.layout or {}
-    workflow_data["draft"] = spec
+    workflow_data["layout"] = _ordered(workflow.layout or {})
+    workflow_data["draft"] = _ordered_spec(spec)
 
     tools_data = []
     for tool in tools.order_by("name"):
-        item = {"name": tool.name, **{name: getattr(tool, name) for name in TOOL_FIELDS}}
+        item = {"name": tool.name, **{name: _ordered(getattr(tool, name))
+                                      for name in TOOL_FIELDS}}
         if tool.approver_group_id:
             item["approver_group"] = tool.approver_group.name
         tools_data.append(item)
@@ -242,6 +243,25 @@ def export_data(workflow: Workflow) -> dict:
             for agent in agents
         ],
     }
+
+
+def _ordered(value):
+    """JSON columns come back from PostgreSQL (jsonb) with their keys reordered: sort them, so
+    an export reads the same whichever database it came from."""
+    if isinstance(value, dict):
+        return {key: _ordered(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_ordered(item) for item in value]
+    return value
+
+
+_SPEC_KEYS = ("schema_version", "entry", "input_schema", "state_schema", "nodes", "edges")
+
+
+def _ordered_spec(spec: dict) -> dict:
+    """A spec with its top-level keys in reading order and everything below sorted."""
+    first = {key: _ordered(spec[key]) for key in _SPEC_KEYS if key in spec}
+    return {**first, **{key: _ordered(spec[key]) for key in sorted(spec) if key not in first}}
 
 
 def export_workflow(workflow: Workflow) -> str:

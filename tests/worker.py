@@ -84,12 +84,47 @@ def _session_worker(django_db_setup, django_db_blocker):
     worker.stop()
 
 
+def quiesce(timeout_s: float = 30.0) -> None:
+    """Let the workers go idle before the test's tables are flushed.
+
+    Active runs are cancelled, so what is queued finishes at once; then we wait until the queue
+    is empty and no delivered message is unacknowledged (acks_late: a task is acked when it is
+    done), and for this process's publisher. A worker still writing while PostgreSQL truncates
+    the tables would deadlock the flush.
+    """
+    import redis
+
+    from runs import events
+    from runs.models import Run
+
+    Run.objects.filter(status__in=Run.ACTIVE).update(status=Run.CANCELLED, cancel_requested=True)
+    prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"]
+    url = settings.CELERY_BROKER_URL
+    client = (redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
+              if url.startswith("redis+socket://") else redis.Redis.from_url(url))
+    deadline = time.monotonic() + timeout_s
+    idle_since = None
+    while time.monotonic() < deadline:
+        busy = (client.llen(f"{prefix}{settings.CELERY_TASK_DEFAULT_QUEUE}")
+                or client.hlen(f"{prefix}unacked"))
+        if busy:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 0.3:
+            break
+        time.sleep(0.05)
+    client.close()
+    events.flush()
+
+
 @pytest.fixture
 def celery_worker(_session_worker, transactional_db):
     """A running worker that sees this test's committed rows."""
     if _session_worker.process.poll() is not None:
         _session_worker.start()
-    return _session_worker
+    yield _session_worker
+    quiesce()
 
 
 @pytest.fixture
@@ -103,5 +138,6 @@ def worker_factory(django_db_setup, transactional_db):
         return worker
 
     yield start
+    quiesce()
     for worker in started:
         worker.stop()
