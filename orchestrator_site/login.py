@@ -36,8 +36,9 @@ class ThrottledLoginView(auth_views.LoginView):
     def post(self, request, *args, **kwargs):
         if _throttled(request):
             minutes = settings.BATON_LOGIN_WINDOW_S // 60
-            return render(request, "registration/login_throttled.html",
-                          {"minutes": minutes}, status=429)
+            return render(
+                request, "registration/login_throttled.html", {"minutes": minutes}, status=429
+            )
         return super().post(request, *args, **kwargs)
 
     def form_invalid(self, form):

@@ -213,7 +213,8 @@ BATON_BASE_URL = os.environ.get("BATON_BASE_URL", "")
 # A cap on all LLM spend per calendar month (UTC), in dollars; empty means none.
 BATON_GLOBAL_MONTHLY_CAP = (
     Decimal(os.environ["BATON_GLOBAL_MONTHLY_CAP"])
-    if os.environ.get("BATON_GLOBAL_MONTHLY_CAP") else None
+    if os.environ.get("BATON_GLOBAL_MONTHLY_CAP")
+    else None
 )
 # Failed logins allowed per username and per address within the window, then 429.
 BATON_LOGIN_ATTEMPTS = env_int("BATON_LOGIN_ATTEMPTS", 5)

@@ -52,7 +52,7 @@ class RunConsumer(AsyncWebsocketConsumer):
             return  # one hello per connection; the page reconnects to start over
         try:
             last_seq = int(json.loads(text_data or "{}").get("last_seq", 0))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             last_seq = 0
         self.sent = max(0, last_seq)
         await self._send_stored(after=self.sent, up_to=None)

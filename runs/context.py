@@ -16,6 +16,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import jsonschema
+import referencing.exceptions
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
@@ -67,6 +68,19 @@ class ApprovalRejected(StepInterrupt):
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+def storable(value):
+    """What a JSON or text column can hold: PostgreSQL refuses NUL characters and NaN."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    return value
 
 
 def lookup(state: dict, path: str):
@@ -151,8 +165,14 @@ class StepContext:
 
     # --- LLM --------------------------------------------------------------------------------
 
-    def llm(self, agent: Agent, messages: list[dict], *, tools: list[dict] | None = None,
-            stream: bool = True) -> LLMReply:
+    def llm(
+        self,
+        agent: Agent,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        stream: bool = True,
+    ) -> LLMReply:
         """One durable LLM call: replayed from its UsageRecord when it was already made."""
         index = self._llm_index
         self._llm_index += 1
@@ -161,8 +181,12 @@ class StepContext:
             step=self.step, epoch=self.step.epoch, call_index=index
         ).first()
         if recorded is not None:
-            return LLMReply(recorded.response.get("text", ""),
-                            recorded.response.get("tool_calls", []), recorded.model, True)
+            return LLMReply(
+                recorded.response.get("text", ""),
+                recorded.response.get("tool_calls", []),
+                recorded.model,
+                True,
+            )
 
         self.check_alive()
         model = self.current_model(agent)
@@ -170,8 +194,12 @@ class StepContext:
         estimate_cost = self._reserve_budget(model, estimate_tokens, agent.max_tokens)
         try:
             result = llm.complete(
-                model, messages, tools=tools, temperature=agent.temperature,
-                max_tokens=agent.max_tokens, timeout=agent.timeout_s,
+                model,
+                messages,
+                tools=tools,
+                temperature=agent.temperature,
+                max_tokens=agent.max_tokens,
+                timeout=agent.timeout_s,
                 api_base=agent.api_base or None,
                 on_text=self._streamer() if stream else None,
             )
@@ -217,7 +245,9 @@ class StepContext:
         if step_limit and self.step.total_tokens + estimate_tokens > step_limit:
             raise BudgetExceeded(
                 f"step token limit {step_limit} would be exceeded: {self.step.total_tokens} used "
-                f"+ ~{estimate_tokens} estimated", "max_step_tokens")
+                f"+ ~{estimate_tokens} estimated",
+                "max_step_tokens",
+            )
 
         condition = Q()
         max_tokens = budget.get("max_tokens")
@@ -238,9 +268,8 @@ class StepContext:
             # Only calls in flight stand in the way: wait for them to settle, then look again.
             in_flight = run.reserved_cost > 0 or run.reserved_tokens > 0
             fits_without = (
-                (not max_tokens or run.total_tokens + estimate_tokens <= max_tokens)
-                and (max_cost in (None, "") or run.cost + estimate_cost <= Decimal(max_cost))
-            )
+                not max_tokens or run.total_tokens + estimate_tokens <= max_tokens
+            ) and (max_cost in (None, "") or run.cost + estimate_cost <= Decimal(max_cost))
             if not (in_flight and fits_without) or time.monotonic() > deadline:
                 break
             self.check_alive()
@@ -249,13 +278,18 @@ class StepContext:
             if max_tokens and run.total_tokens + run.reserved_tokens + estimate_tokens > max_tokens:
                 raise BudgetExceeded(
                     f"run token budget {max_tokens} would be exceeded: {run.total_tokens} used "
-                    f"+ ~{estimate_tokens} estimated", "max_tokens",
-                    suggested_raise=Decimal(max(max_tokens // 2, estimate_tokens * 2)))
+                    f"+ ~{estimate_tokens} estimated",
+                    "max_tokens",
+                    suggested_raise=Decimal(max(max_tokens // 2, estimate_tokens * 2)),
+                )
             raise BudgetExceeded(
-                f"run cost budget ${Decimal(max_cost):.4f} would be exceeded: ${run.cost:.6f} spent "
-                f"+ ~${estimate_cost:.6f} estimated for this call", "max_cost",
+                f"run cost budget ${Decimal(max_cost):.4f} would be exceeded: "
+                f"${run.cost:.6f} spent + ~${estimate_cost:.6f} estimated for this call",
+                "max_cost",
                 suggested_raise=max(Decimal(max_cost) / 2, estimate_cost * 4).quantize(
-                    Decimal("0.0001")))
+                    Decimal("0.0001")
+                ),
+            )
         try:
             from runs import costs
 
@@ -270,8 +304,9 @@ class StepContext:
             raise BudgetExceeded(breach, "spend_cap")
         return estimate_cost
 
-    def _record_call(self, agent: Agent, index: int, result, estimate_cost: Decimal,
-                     estimate_tokens: int) -> None:
+    def _record_call(
+        self, agent: Agent, index: int, result, estimate_cost: Decimal, estimate_tokens: int
+    ) -> None:
         from runs import costs
 
         now = timezone.now()
@@ -280,13 +315,24 @@ class StepContext:
         )
         with transaction.atomic():
             record = UsageRecord.objects.create(
-                run=self.run, step=self.step, epoch=self.step.epoch, call_index=index,
-                workflow_id=self.run.workflow_id, agent=agent, user_id=self.run.started_by_id,
-                model=result.model, prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, cached_tokens=result.cached_tokens,
-                total_tokens=result.total_tokens, cost=cost, price=price, price_source=source,
-                response={"text": result.text, "tool_calls": result.tool_calls},
-                latency_ms=result.latency_ms, at=now,
+                run=self.run,
+                step=self.step,
+                epoch=self.step.epoch,
+                call_index=index,
+                workflow_id=self.run.workflow_id,
+                agent=agent,
+                user_id=self.run.started_by_id,
+                model=result.model,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                cached_tokens=result.cached_tokens,
+                total_tokens=result.total_tokens,
+                cost=cost,
+                price=price,
+                price_source=source,
+                response=storable({"text": result.text, "tool_calls": result.tool_calls}),
+                latency_ms=result.latency_ms,
+                at=now,
             )
             Step.objects.filter(pk=self.step.pk).update(
                 prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
@@ -305,14 +351,23 @@ class StepContext:
                 reserved_tokens=F("reserved_tokens") - estimate_tokens,
             )
             totals = Run.objects.values("total_tokens", "cost").get(pk=self.run.pk)
-            events.append_events(self.run.pk, [
-                ("llm.called", {
-                    "step_id": self.step.pk, "node_id": self.step.node_id,
-                    "model": result.model, "tokens": result.total_tokens, "cost": str(cost),
-                    "latency_ms": result.latency_ms,
-                }),
-                ("run.totals", {"tokens": totals["total_tokens"], "cost": str(totals["cost"])}),
-            ])
+            events.append_events(
+                self.run.pk,
+                [
+                    (
+                        "llm.called",
+                        {
+                            "step_id": self.step.pk,
+                            "node_id": self.step.node_id,
+                            "model": result.model,
+                            "tokens": result.total_tokens,
+                            "cost": str(cost),
+                            "latency_ms": result.latency_ms,
+                        },
+                    ),
+                    ("run.totals", {"tokens": totals["total_tokens"], "cost": str(totals["cost"])}),
+                ],
+            )
             # Last write before the commit: the day's rollup row of this key is shared by
             # every parallel call with the same key, so it stays locked as briefly as possible.
             costs.add_to_daily_usage(record)
@@ -331,8 +386,14 @@ class StepContext:
         try:
             call, _ = ToolCall.objects.get_or_create(
                 idempotency_key=key,
-                defaults={"step": self.step, "epoch": self.step.epoch, "call_index": index,
-                          "tool": tool.name, "arguments": arguments, "llm_call_id": llm_call_id},
+                defaults={
+                    "step": self.step,
+                    "epoch": self.step.epoch,
+                    "call_index": index,
+                    "tool": tool.name,
+                    "arguments": storable(arguments),
+                    "llm_call_id": storable(llm_call_id)[:200],
+                },
             )
         except IntegrityError:
             call = ToolCall.objects.get(idempotency_key=key)
@@ -357,55 +418,76 @@ class StepContext:
             )
             if updated:
                 hooks.request_approval(
-                    run=self.run, step=self.step, kind="tool_call", tool_call=call,
-                    title=f"Call {tool.name}", payload={"tool": tool.name,
-                                                         "arguments": call.arguments},
-                    context=self.approval_context(), due_in_s=self.node.get("due_in_s"),
+                    run=self.run,
+                    step=self.step,
+                    kind="tool_call",
+                    tool_call=call,
+                    title=f"Call {tool.name}",
+                    payload={"tool": tool.name, "arguments": call.arguments},
+                    context=self.approval_context(),
+                    due_in_s=self.node.get("due_in_s"),
                     default_outcome=self.node.get("default_outcome", "reject"),
                     approver_group=tool.approver_group,
                 )
         raise WaitingForHuman(f"tool {tool.name} awaits approval")
 
     def _run_tool(self, tool: Tool, call: ToolCall) -> dict:
-        arguments = call.approved_arguments if call.approved_arguments is not None else (
-            call.arguments)
+        arguments = (
+            call.approved_arguments if call.approved_arguments is not None else (call.arguments)
+        )
         error = self._tool_refusal(tool, arguments)
         result = None
         if error is None:
             try:
                 result = tool_registry.call(
-                    tool.entrypoint, arguments,
+                    tool.entrypoint,
+                    arguments,
                     tool_registry.ToolContext(self.run.pk, self.step.pk, call.idempotency_key),
                 )
-                json.dumps(result)
+                result = storable(json.loads(json.dumps(result)))
             except Exception as exc:  # a tool's failure is data for the agent, not a crash
-                error = f"{type(exc).__name__}: {exc}"
+                result = None
+                error = storable(f"{type(exc).__name__}: {exc}")[:2000]
                 _record_tool_health(tool.name, error)
             else:
                 _record_tool_health(tool.name, None)
         with transaction.atomic():
             ToolCall.objects.filter(pk=call.pk).update(
                 status=ToolCall.FAILED if error else ToolCall.SUCCEEDED,
-                result=result, error=error or "", finished_at=timezone.now(),
+                result=result,
+                error=error or "",
+                finished_at=timezone.now(),
             )
-            events.append_event(self.run.pk, "tool.called", {
-                "step_id": self.step.pk, "node_id": self.step.node_id, "tool": tool.name,
-                "arguments": arguments, "result": result, "error": error,
-            })
+            events.append_event(
+                self.run.pk,
+                "tool.called",
+                {
+                    "step_id": self.step.pk,
+                    "node_id": self.step.node_id,
+                    "tool": tool.name,
+                    "arguments": arguments,
+                    "result": result,
+                    "error": error,
+                },
+            )
         return {"error": error} if error else {"result": result}
 
     def _tool_refusal(self, tool: Tool, arguments) -> str | None:
         health = ToolHealth.objects.filter(tool=tool.name).first()
         if health and health.open_until and health.open_until > timezone.now():
-            return (f"circuit open: tool {tool.name} failed {health.consecutive_failures} times "
-                    f"in a row (last: {health.last_error}); calls fail fast until "
-                    f"{health.open_until:%H:%M:%S} UTC")
+            return (
+                f"circuit open: tool {tool.name} failed {health.consecutive_failures} times "
+                f"in a row (last: {health.last_error}); calls fail fast until "
+                f"{health.open_until:%H:%M:%S} UTC"
+            )
         if tool.entrypoint not in tool_registry.REGISTRY:
             return f"tool entrypoint {tool.entrypoint!r} is not in the registry"
         try:
             jsonschema.validate(arguments, tool.args_schema or {"type": "object"})
         except jsonschema.ValidationError as exc:
-            return f"invalid arguments for {tool.name}: {exc.message}"
+            return f"invalid arguments for {tool.name}: {exc.message}"[:2000]
+        except (jsonschema.SchemaError, referencing.exceptions.Unresolvable, RecursionError) as exc:
+            return f"tool {tool.name} has an unusable args_schema: {exc}"[:2000]
         return None
 
     # --- humans -----------------------------------------------------------------------------
@@ -417,8 +499,13 @@ class StepContext:
             if locked.input.get("approval_open"):
                 return
             hooks.request_approval(
-                run=self.run, step=self.step, kind=kind, title=title, payload=payload,
-                context=self.approval_context(), tool_call=None,
+                run=self.run,
+                step=self.step,
+                kind=kind,
+                title=title,
+                payload=payload,
+                context=self.approval_context(),
+                tool_call=None,
                 due_in_s=self.node.get("due_in_s"),
                 default_outcome=self.node.get("default_outcome", "reject"),
                 approver_group=None,
@@ -431,7 +518,8 @@ class StepContext:
         """What a human needs to decide: the outputs that came before this step."""
         previous = (
             Step.objects.filter(run=self.run, status=Step.SUCCEEDED)
-            .exclude(pk=self.step.pk).order_by("-finished_at")[:5]
+            .exclude(pk=self.step.pk)
+            .order_by("-finished_at")[:5]
         )
         return {
             "node": self.node["id"],

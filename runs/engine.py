@@ -22,6 +22,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import jsonschema
+import referencing.exceptions
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import close_old_connections, connection, transaction
@@ -37,6 +38,7 @@ from runs.context import (
     StepContext,
     StepFailed,
     WaitingForHuman,
+    storable,
 )
 from runs.llm import LLMError
 from runs.models import Run, Step, Switch, ToolCall
@@ -58,42 +60,67 @@ class RunControlError(Exception):
 
 # --- starting -------------------------------------------------------------------------------
 
+
 def validate_input(spec: dict, data) -> dict:
     if not isinstance(data, dict):
         raise RunInputError("The input must be a JSON object.")
-    size = len(json.dumps(data))
+    try:
+        size = len(json.dumps(data, allow_nan=False))
+    except (ValueError, RecursionError) as exc:
+        raise RunInputError(f"The input is not plain JSON: {exc}"[:300]) from exc
     if size > settings.BATON_MAX_INPUT_BYTES:
         raise RunInputError(
             f"The input is {size} bytes; the limit is {settings.BATON_MAX_INPUT_BYTES} bytes."
         )
     schema = spec.get("input_schema") or {"type": "object"}
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
-                    key=lambda e: list(e.path))
+    try:
+        errors = sorted(
+            jsonschema.Draft202012Validator(schema).iter_errors(data),
+            key=lambda e: [str(p) for p in e.path],
+        )
+    except (jsonschema.SchemaError, referencing.exceptions.Unresolvable, RecursionError) as exc:
+        raise RunInputError(f"The workflow's input schema cannot be used: {exc}"[:500]) from exc
     if errors:
-        raise RunInputError([
-            (f"{'.'.join(str(p) for p in e.path)}: {e.message}" if e.path else e.message)
-            for e in errors
-        ])
+        raise RunInputError(
+            [
+                (f"{'.'.join(str(p) for p in e.path)}: {e.message}" if e.path else e.message)
+                for e in errors
+            ]
+        )
     return data
 
 
-def start_run(version: WorkflowVersion, input: dict, user, *, budget: dict | None = None,
-              overrides: dict | None = None, parent_step: Step | None = None) -> Run:
+def start_run(
+    version: WorkflowVersion,
+    input: dict,
+    user,
+    *,
+    budget: dict | None = None,
+    overrides: dict | None = None,
+    parent_step: Step | None = None,
+) -> Run:
     """Create a run of a published version and its first step in one transaction."""
     spec = version.get_spec()
     data = validate_input(spec, input)
     workflow = version.workflow
     with transaction.atomic():
         run = Run.objects.create(
-            workflow=workflow, version=version, input=data, state=dict(data),
+            workflow=workflow,
+            version=version,
+            input=data,
+            state=dict(data),
             started_by=user if user is not None and user.is_authenticated else None,
-            budget={**workflow.run_budget(), **(budget or {})}, overrides=overrides or {},
-            parent=parent_step.run if parent_step else None, parent_step=parent_step,
+            budget={**workflow.run_budget(), **(budget or {})},
+            overrides=overrides or {},
+            parent=parent_step.run if parent_step else None,
+            parent_step=parent_step,
             status=Run.PAUSED if stop_everything_on() else Run.QUEUED,
         )
-        events.append_event(run.pk, "run.created", {"status": run.status,
-                                                    "workflow": workflow.slug,
-                                                    "version": version.number})
+        events.append_event(
+            run.pk,
+            "run.created",
+            {"status": run.status, "workflow": workflow.slug, "version": version.number},
+        )
         _create_step(run, spec, entry_node(spec), branches=[])
     return run
 
@@ -107,8 +134,11 @@ def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | N
         return None
     iteration = Step.objects.filter(run=run, node_id=node_id).aggregate(n=Max("iteration"))["n"]
     step = Step.objects.create(
-        run=run, node_id=node_id, kind=node["kind"],
-        iteration=0 if iteration is None else iteration + 1, branches=branches,
+        run=run,
+        node_id=node_id,
+        kind=node["kind"],
+        iteration=0 if iteration is None else iteration + 1,
+        branches=branches,
     )
     run.step_count += 1
     Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
@@ -121,17 +151,22 @@ def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | N
 def _enqueue(step_id: int, countdown: float | None = None) -> None:
     from runs.tasks import execute_step_task
 
-    transaction.on_commit(
-        lambda: execute_step_task.apply_async((step_id,), countdown=countdown)
-    )
+    transaction.on_commit(lambda: execute_step_task.apply_async((step_id,), countdown=countdown))
 
 
 def _step_payload(step: Step, **extra) -> dict:
-    return {"step_id": step.pk, "node_id": step.node_id, "kind": step.kind,
-            "iteration": step.iteration, "status": step.status, **extra}
+    return {
+        "step_id": step.pk,
+        "node_id": step.node_id,
+        "kind": step.kind,
+        "iteration": step.iteration,
+        "status": step.status,
+        **extra,
+    }
 
 
 # --- executing ------------------------------------------------------------------------------
+
 
 def execute_step(step_id: int) -> None:
     """Claim one step, run its node, save the outcome, advance the run. Safe to call twice."""
@@ -176,8 +211,11 @@ def execute_step(step_id: int) -> None:
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
-    step = Step.objects.filter(pk=step_id).select_related(
-        "run", "run__workflow", "run__version").first()
+    step = (
+        Step.objects.filter(pk=step_id)
+        .select_related("run", "run__workflow", "run__version")
+        .first()
+    )
     if step is None:
         return None
     run = step.run
@@ -194,7 +232,9 @@ def _claim(step_id: int) -> Step | None:
     with transaction.atomic():
         # The attempt we read is part of the swap: if anyone claimed it since, we lose.
         claimed = Step.objects.filter(claimable, pk=step_id, attempt=step.attempt).update(
-            status=Step.RUNNING, attempt=step.attempt + 1, lease_until=lease,
+            status=Step.RUNNING,
+            attempt=step.attempt + 1,
+            lease_until=lease,
             started_at=step.started_at or now,
         )
         if not claimed:
@@ -202,12 +242,14 @@ def _claim(step_id: int) -> Step | None:
         step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
         step.started_at = step.started_at or now
         started = []
-        if run.status == Run.QUEUED and Run.objects.filter(
-                pk=run.pk, status=Run.QUEUED).update(status=Run.RUNNING, started_at=now):
+        if run.status == Run.QUEUED and Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
+            status=Run.RUNNING, started_at=now
+        ):
             run.status, run.started_at = Run.RUNNING, now
             started.append(("run.status", {"status": Run.RUNNING}))
-        events.append_events(run.pk, [
-            *started, ("step.started", _step_payload(step, attempt=step.attempt))])
+        events.append_events(
+            run.pk, [*started, ("step.started", _step_payload(step, attempt=step.attempt))]
+        )
     return step
 
 
@@ -253,32 +295,54 @@ def _mine(ctx: StepContext):
 def _step_fields(ctx: StepContext) -> dict:
     data = dict(ctx.step.input)
     if ctx.messages_log:
-        data["messages"] = ctx.messages_log
+        data["messages"] = storable(ctx.messages_log)
     return {
         "input": data,
         "tool_calls": [
-            {"tool": c.tool, "arguments": c.approved_arguments or c.arguments,
-             "proposed_arguments": c.arguments, "result": c.result, "error": c.error,
-             "status": c.status}
+            {
+                "tool": c.tool,
+                "arguments": c.approved_arguments or c.arguments,
+                "proposed_arguments": c.arguments,
+                "result": c.result,
+                "error": c.error,
+                "status": c.status,
+            }
             for c in ToolCall.objects.filter(step=ctx.step).order_by("epoch", "call_index")
         ],
         "agent": ctx.step.agent,
     }
 
 
-def _save_outcome(ctx: StepContext, status: str, *, text: str = "", output=None,
-                  error_kind: str = "", error: str = "") -> bool:
+def _save_outcome(
+    ctx: StepContext,
+    status: str,
+    *,
+    text: str = "",
+    output=None,
+    error_kind: str = "",
+    error: str = "",
+) -> bool:
     fields = _step_fields(ctx)
+    text, output, error = storable(text), storable(output), storable(error)
     updated = _mine(ctx).update(
-        status=status, output_text=text, output=output, error_kind=error_kind, error=error,
-        finished_at=timezone.now(), lease_until=None, **fields,
+        status=status,
+        output_text=text,
+        output=output,
+        error_kind=error_kind,
+        error=error,
+        finished_at=timezone.now(),
+        lease_until=None,
+        **fields,
     )
     if updated:
         ctx.step.status = status
         ctx.step.output = output
         ctx.step.output_text = text
-        kind = {"succeeded": "step.finished", "failed": "step.failed",
-                "cancelled": "step.cancelled"}.get(status, "step.finished")
+        kind = {
+            "succeeded": "step.finished",
+            "failed": "step.failed",
+            "cancelled": "step.cancelled",
+        }.get(status, "step.finished")
         events.append_event(ctx.run.pk, kind, _step_payload(ctx.step, error=error))
     return bool(updated)
 
@@ -292,8 +356,11 @@ def _save_waiting(ctx: StepContext, reason: str) -> None:
         run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         if run.status in Run.ACTIVE:
             blocked = "sub-workflow" if ctx.step.kind == "subworkflow" else "approval"
-            _set_status(run, Run.WAITING_APPROVAL if blocked == "approval" else run.status,
-                        blocked_on=f"{blocked}: {reason}"[:200])
+            _set_status(
+                run,
+                Run.WAITING_APPROVAL if blocked == "approval" else run.status,
+                blocked_on=f"{blocked}: {reason}"[:200],
+            )
 
 
 def _after_success(ctx: StepContext, text: str, output) -> None:
@@ -315,9 +382,16 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
     agent = step.agent
     max_retries = agent.max_retries if agent else settings.BATON_DEFAULT_MAX_RETRIES
     model = ctx.current_model(agent) if agent else ""
-    attempts = [*step.attempts, {"attempt": step.attempt, "error_kind": "transient",
-                                 "error": message[:2000], "model": model,
-                                 "at": timezone.now().isoformat()}]
+    attempts = [
+        *step.attempts,
+        {
+            "attempt": step.attempt,
+            "error_kind": "transient",
+            "error": message[:2000],
+            "model": model,
+            "at": timezone.now().isoformat(),
+        },
+    ]
     on_this_model = sum(1 for a in attempts if a.get("model") == model)
     data = dict(step.input)
     if on_this_model >= max_retries + 1:
@@ -326,8 +400,9 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
         if index >= len(fallbacks):
             Step.objects.filter(pk=step.pk).update(attempts=attempts)
             ctx.step.attempts = attempts
-            _after_failure(ctx, "transient",
-                           f"gave up after {on_this_model} attempts on {model}: {message}")
+            _after_failure(
+                ctx, "transient", f"gave up after {on_this_model} attempts on {model}: {message}"
+            )
             return
         data["fallback_index"] = index + 1
         on_this_model = 0
@@ -335,31 +410,54 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
     delay = delay * (0.5 + random.random())  # jitter: don't retry in lockstep
     with transaction.atomic():
         if not _mine(ctx).update(
-            status=Step.PENDING, attempts=attempts, input=data, lease_until=None,
+            status=Step.PENDING,
+            attempts=attempts,
+            input=data,
+            lease_until=None,
             not_before=timezone.now() + timedelta(seconds=delay),
             agent=agent,
         ):
             return
-        events.append_event(ctx.run.pk, "step.retrying", _step_payload(
-            ctx.step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)))
+        events.append_event(
+            ctx.run.pk,
+            "step.retrying",
+            _step_payload(
+                ctx.step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)
+            ),
+        )
         _enqueue(step.pk, countdown=delay)
 
 
 def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
     """A failed step: its failure edge; else an escalation (semantic); else the branch's join
     policy; else the run fails with the reason."""
-    failure_edges = [e for e in ctx.spec["edges"]
-                     if e["source"] == ctx.node["id"] and e.get("on") == "failure"]
-    attempts = [*ctx.step.attempts, {"attempt": ctx.step.attempt, "error_kind": kind,
-                                     "error": message[:2000], "at": timezone.now().isoformat()}]
+    failure_edges = [
+        e for e in ctx.spec["edges"] if e["source"] == ctx.node["id"] and e.get("on") == "failure"
+    ]
+    attempts = [
+        *ctx.step.attempts,
+        {
+            "attempt": ctx.step.attempt,
+            "error_kind": kind,
+            "error": message[:2000],
+            "at": timezone.now().isoformat(),
+        },
+    ]
     ctx.step.attempts = attempts
-    if (kind == "semantic" and not failure_edges and ctx.node.get("escalate", True)
-            and ctx.node["kind"] == "agent"):
+    if (
+        kind == "semantic"
+        and not failure_edges
+        and ctx.node.get("escalate", True)
+        and ctx.node["kind"] == "agent"
+    ):
         Step.objects.filter(pk=ctx.step.pk).update(attempts=attempts)
         last = ctx.messages_log[-1]["content"] if ctx.messages_log else ""
         try:
-            ctx.ask_human("escalation", f"Output of {ctx.node['id']} needs a human: {message}"[:300],
-                          {"output": last, "error": message})
+            ctx.ask_human(
+                "escalation",
+                f"Output of {ctx.node['id']} needs a human: {message}"[:300],
+                {"output": last, "error": message},
+            )
         except RuntimeError:
             pass  # no approvals app: the run fails below
         else:
@@ -375,8 +473,12 @@ def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
 
 def _after_rejection(ctx: StepContext, reason: str) -> None:
     with transaction.atomic():
-        if not _save_outcome(ctx, Step.SUCCEEDED, text=f"rejected: {reason}",
-                             output={"approved": False, "reason": reason}):
+        if not _save_outcome(
+            ctx,
+            Step.SUCCEEDED,
+            text=f"rejected: {reason}",
+            output={"approved": False, "reason": reason},
+        ):
             return
         run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         _advance(run, ctx.spec, ctx.step, outcome="rejected", error=reason)
@@ -384,14 +486,23 @@ def _after_rejection(ctx: StepContext, reason: str) -> None:
 
 def _after_budget_breach(ctx: StepContext, breach: BudgetExceeded) -> None:
     policy = (ctx.run.budget or {}).get("policy", "stop")
-    if policy == "ask" and breach.suggested_raise is not None and not ctx.step.input.get(
-            "budget_asked"):
+    if (
+        policy == "ask"
+        and breach.suggested_raise is not None
+        and not ctx.step.input.get("budget_asked")
+    ):
         ctx.step.input["budget_asked"] = True
         try:
-            ctx.ask_human("budget", f"Raise the {breach.limit} budget of run {ctx.run.pk}?", {
-                "limit": breach.limit, "raise_by": str(breach.suggested_raise),
-                "message": breach.message, "budget": ctx.run.budget,
-            })
+            ctx.ask_human(
+                "budget",
+                f"Raise the {breach.limit} budget of run {ctx.run.pk}?",
+                {
+                    "limit": breach.limit,
+                    "raise_by": str(breach.suggested_raise),
+                    "message": breach.message,
+                    "budget": ctx.run.budget,
+                },
+            )
         except RuntimeError:
             pass
         else:
@@ -405,6 +516,7 @@ def _after_budget_breach(ctx: StepContext, breach: BudgetExceeded) -> None:
 
 
 # --- advancing ------------------------------------------------------------------------------
+
 
 def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "") -> None:
     """Follow the edges out of a finished step. Call inside a transaction holding the run row.
@@ -429,8 +541,11 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
         else:
             chosen = [e for e in candidates if nodes.condition_holds(e.get("condition"), state)]
     else:
-        chosen = [e for e in outgoing if e.get("on") == ("failure" if outcome == "failure"
-                                                          else "rejected")]
+        chosen = [
+            e
+            for e in outgoing
+            if e.get("on") == ("failure" if outcome == "failure" else "rejected")
+        ]
         if not chosen:
             if outcome == "rejected":
                 _finish_run(run, Run.FAILED, f"{step.node_id} rejected: {error}")
@@ -467,20 +582,30 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
 
 def _open_join(run: Run, spec: dict, join: dict, frame: list | None) -> Step:
     """The join step collecting arrivals for this fan-out (created on the first arrival)."""
-    join_step = (Step.objects.select_for_update()
-                 .filter(run=run, node_id=join["id"], status=Step.WAITING)
-                 .order_by("-iteration").first())
+    join_step = (
+        Step.objects.select_for_update()
+        .filter(run=run, node_id=join["id"], status=Step.WAITING)
+        .order_by("-iteration")
+        .first()
+    )
     if join_step is None:
         latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
         iteration = 0 if latest["n"] is None else latest["n"] + 1
         if frame:
-            expected = [e["target"] for e in spec["edges"]
-                        if e["source"] == frame[0] and e.get("on", "success") == "success"]
+            expected = [
+                e["target"]
+                for e in spec["edges"]
+                if e["source"] == frame[0] and e.get("on", "success") == "success"
+            ]
         else:
             expected = [e["source"] for e in spec["edges"] if e["target"] == join["id"]]
         join_step = Step.objects.create(
-            run=run, node_id=join["id"], kind="join", iteration=iteration,
-            status=Step.WAITING, input={"expected": expected, "frame": frame},
+            run=run,
+            node_id=join["id"],
+            kind="join",
+            iteration=iteration,
+            status=Step.WAITING,
+            input={"expected": expected, "frame": frame},
         )
         Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
         events.append_event(run.pk, "step.created", _step_payload(join_step))
@@ -491,8 +616,7 @@ def _arrive(run: Run, spec: dict, join: dict, step: Step, status: str) -> None:
     frame = step.branches[-1] if step.branches else None
     join_step = _open_join(run, spec, join, frame)
     branch = frame[1] if frame else step.node_id
-    join_step.arrivals = {**join_step.arrivals, branch: {"status": status,
-                                                         "source": step.node_id}}
+    join_step.arrivals = {**join_step.arrivals, branch: {"status": status, "source": step.node_id}}
     join_step.save(update_fields=["arrivals"])
     _maybe_release_join(run, spec, join, join_step)
 
@@ -506,10 +630,14 @@ def _maybe_release_join(run: Run, spec: dict, join: dict, join_step: Step) -> No
         _finish_run(run, Run.FAILED, f"branch(es) {', '.join(failed)} of {join['id']} failed")
         return
     frame = join_step.input.get("frame")
-    outer = Step.objects.filter(run=run, node_id=frame[0]).order_by("-iteration").first() \
-        if frame else None
+    outer = (
+        Step.objects.filter(run=run, node_id=frame[0]).order_by("-iteration").first()
+        if frame
+        else None
+    )
     Step.objects.filter(pk=join_step.pk).update(
-        status=Step.PENDING, branches=outer.branches if outer else [])
+        status=Step.PENDING, branches=outer.branches if outer else []
+    )
     events.append_event(run.pk, "step.created", _step_payload(join_step, status=Step.PENDING))
     _enqueue(join_step.pk)
 
@@ -554,9 +682,11 @@ def _finish_if_idle(run: Run, spec: dict) -> None:
     stuck = waiting.filter(kind="join").first()
     if stuck is not None:
         missing = [b for b in stuck.input.get("expected", []) if b not in stuck.arrivals]
-        _finish_run(run, Run.FAILED,
-                    f"join {stuck.node_id} can never complete: no branch left for "
-                    f"{', '.join(missing)}")
+        _finish_run(
+            run,
+            Run.FAILED,
+            f"join {stuck.node_id} can never complete: no branch left for {', '.join(missing)}",
+        )
         return
     last = steps.filter(status=Step.SUCCEEDED).order_by("-finished_at", "-id").first()
     run.refresh_from_db(fields=["state"])
@@ -576,8 +706,9 @@ def _refresh_status(run: Run) -> None:
     busy = Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING)).exists()
     if waiting.exists() and not busy:
         blocked = "sub-workflow" if waiting.filter(kind="subworkflow").exists() else "approval"
-        _set_status(run, Run.WAITING_APPROVAL if blocked == "approval" else Run.RUNNING,
-                    blocked_on=blocked)
+        _set_status(
+            run, Run.WAITING_APPROVAL if blocked == "approval" else Run.RUNNING, blocked_on=blocked
+        )
     else:
         _set_status(run, Run.RUNNING, blocked_on="")
 
@@ -596,8 +727,11 @@ def _set_status(run: Run, status: str, *, blocked_on: str | None = None, error: 
         fields.append("error")
     run.save(update_fields=fields)
     if changed:
-        events.append_event(run.pk, "run.status", {"status": status, "error": run.error,
-                                                   "blocked_on": run.blocked_on})
+        events.append_event(
+            run.pk,
+            "run.status",
+            {"status": status, "error": run.error, "blocked_on": run.blocked_on},
+        )
 
 
 def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
@@ -610,7 +744,8 @@ def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
     run.blocked_on = ""
     run.save(update_fields=["finished_at", "result", "blocked_on", "updated_at"])
     Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)).update(
-        status=Step.CANCELLED, finished_at=now, lease_until=None)
+        status=Step.CANCELLED, finished_at=now, lease_until=None
+    )
     _set_status(run, status, error=error[:5000])
     if run.parent_step_id:
         parent = Step.objects.filter(pk=run.parent_step_id, status=Step.WAITING).first()
@@ -621,6 +756,7 @@ def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
 
 # --- human decisions ------------------------------------------------------------------------
 
+
 def apply_decision(request, *, approved: bool, payload: dict | None, comment: str) -> None:
     """Resume a run after a human (or the deadline) decided an approval request. Called once,
     inside the approvals app's decision transaction."""
@@ -630,12 +766,15 @@ def apply_decision(request, *, approved: bool, payload: dict | None, comment: st
         return
     data = {**step.input, "approval_open": False}
     if request.kind == "tool_call" and request.tool_call_id:
-        call_updates = {"status": ToolCall.APPROVED if approved else ToolCall.REJECTED,
-                        "decision_note": comment}
+        call_updates = {
+            "status": ToolCall.APPROVED if approved else ToolCall.REJECTED,
+            "decision_note": comment,
+        }
         if approved and payload is not None:
             call_updates["approved_arguments"] = payload.get("arguments", payload)
-        ToolCall.objects.filter(pk=request.tool_call_id,
-                                status=ToolCall.AWAITING_APPROVAL).update(**call_updates)
+        ToolCall.objects.filter(pk=request.tool_call_id, status=ToolCall.AWAITING_APPROVAL).update(
+            **call_updates
+        )
     elif request.kind == "node":
         data["decision"] = {"approved": approved, "comment": comment, "payload": payload}
     elif request.kind == "escalation":
@@ -647,8 +786,11 @@ def apply_decision(request, *, approved: bool, payload: dict | None, comment: st
         step.input = data
         spec = run.version.get_spec()
         Step.objects.filter(pk=step.pk).update(
-            status=Step.SUCCEEDED, output_text=str(edited), output=edited,
-            finished_at=timezone.now())
+            status=Step.SUCCEEDED,
+            output_text=str(edited),
+            output=edited,
+            finished_at=timezone.now(),
+        )
         step.status = Step.SUCCEEDED
         step.output = edited
         key = node_map(spec)[step.node_id].get("output_key") or step.node_id
@@ -680,6 +822,7 @@ def apply_decision(request, *, approved: bool, payload: dict | None, comment: st
 
 # --- controls -------------------------------------------------------------------------------
 
+
 def can_cancel(run: Run) -> bool:
     return run.status in Run.ACTIVE
 
@@ -693,13 +836,18 @@ def can_resume(run: Run) -> bool:
 
 
 def can_retry(run: Run) -> bool:
-    return run.status in (Run.FAILED, Run.BUDGET_EXCEEDED, Run.CANCELLED) and run.steps.filter(
-        status__in=(Step.FAILED, Step.CANCELLED)).exists()
+    return (
+        run.status in (Run.FAILED, Run.BUDGET_EXCEEDED, Run.CANCELLED)
+        and run.steps.filter(status__in=(Step.FAILED, Step.CANCELLED)).exists()
+    )
 
 
 def _audit(run: Run, action: str, user) -> None:
-    events.append_event(run.pk, "run.control", {
-        "action": action, "user": getattr(user, "username", None) or "system"})
+    events.append_event(
+        run.pk,
+        "run.control",
+        {"action": action, "user": getattr(user, "username", None) or "system"},
+    )
 
 
 def cancel_run(run: Run, user) -> None:
@@ -747,13 +895,23 @@ def retry_run(run: Run, user) -> None:
         for step in steps:
             Step.objects.filter(pk=step.pk).update(
                 status=Step.WAITING if step.kind == "join" and step.arrivals else Step.PENDING,
-                epoch=F("epoch") + 1, error="", error_kind="", finished_at=None,
-                not_before=None, lease_until=None,
-                input={k: v for k, v in step.input.items()
-                       if k not in ("fallback_index", "approval_open", "budget_asked")},
+                epoch=F("epoch") + 1,
+                error="",
+                error_kind="",
+                finished_at=None,
+                not_before=None,
+                lease_until=None,
+                input={
+                    k: v
+                    for k, v in step.input.items()
+                    if k not in ("fallback_index", "approval_open", "budget_asked")
+                },
             )
         Run.objects.filter(pk=run.pk).update(
-            cancel_requested=False, finished_at=None, error="", result=None,
+            cancel_requested=False,
+            finished_at=None,
+            error="",
+            result=None,
             budget={**run.budget, "max_wall_s": None},
         )
         run.refresh_from_db()
@@ -763,8 +921,7 @@ def retry_run(run: Run, user) -> None:
                 _enqueue(step.pk)
 
 
-def fork_run(step: Step, user, *, input: dict | None = None,
-             overrides: dict | None = None) -> Run:
+def fork_run(step: Step, user, *, input: dict | None = None, overrides: dict | None = None) -> Run:
     """A new run of the same version that reuses the outputs recorded before `step` and runs
     from `step` on, with an edited input, prompt or model."""
     source = step.run
@@ -772,23 +929,39 @@ def fork_run(step: Step, user, *, input: dict | None = None,
     data = validate_input(spec, source.input if input is None else input)
     with transaction.atomic():
         run = Run.objects.create(
-            workflow=source.workflow, version=source.version, input=data, state=dict(data),
+            workflow=source.workflow,
+            version=source.version,
+            input=data,
+            state=dict(data),
             started_by=user if user is not None and user.is_authenticated else None,
-            budget=source.budget, overrides=overrides or {}, parent=source,
-            forked_from_step=step, status=Run.RUNNING, started_at=timezone.now(),
+            budget=source.budget,
+            overrides=overrides or {},
+            parent=source,
+            forked_from_step=step,
+            status=Run.RUNNING,
+            started_at=timezone.now(),
         )
-        events.append_event(run.pk, "run.created", {"status": run.status,
-                                                    "forked_from": source.pk})
+        events.append_event(run.pk, "run.created", {"status": run.status, "forked_from": source.pk})
         state = dict(data)
-        earlier = source.steps.filter(status=Step.SUCCEEDED, created_at__lt=step.created_at,
-                                      branches=[]).exclude(kind="join")
+        earlier = source.steps.filter(
+            status=Step.SUCCEEDED, created_at__lt=step.created_at, branches=[]
+        ).exclude(kind="join")
         by_id = node_map(spec)
         for old in earlier.order_by("created_at", "id"):
             Step.objects.create(
-                run=run, node_id=old.node_id, kind=old.kind, iteration=old.iteration,
-                agent=old.agent, status=Step.SUCCEEDED, input=old.input,
-                output_text=old.output_text, output=old.output, tool_calls=old.tool_calls,
-                model=old.model, reused_from=old, started_at=old.started_at,
+                run=run,
+                node_id=old.node_id,
+                kind=old.kind,
+                iteration=old.iteration,
+                agent=old.agent,
+                status=Step.SUCCEEDED,
+                input=old.input,
+                output_text=old.output_text,
+                output=old.output,
+                tool_calls=old.tool_calls,
+                model=old.model,
+                reused_from=old,
+                started_at=old.started_at,
                 finished_at=old.finished_at,
             )
             if old.kind != "parallel" and old.node_id in by_id:
@@ -815,7 +988,8 @@ def set_stop_everything(on: bool, user) -> int:
         )
         if on:
             for run in Run.objects.select_for_update().filter(
-                    status__in=(Run.QUEUED, Run.RUNNING, Run.WAITING_APPROVAL)):
+                status__in=(Run.QUEUED, Run.RUNNING, Run.WAITING_APPROVAL)
+            ):
                 _audit(run, "stop everything", user)
                 _set_status(run, Run.PAUSED, blocked_on="global stop switch")
                 paused += 1
@@ -823,6 +997,7 @@ def set_stop_everything(on: bool, user) -> int:
 
 
 # --- the sweeper ----------------------------------------------------------------------------
+
 
 def sweep_stuck_steps() -> dict:
     """Find work that fell through the cracks and put it back (Celery beat, every few seconds).
@@ -836,46 +1011,53 @@ def sweep_stuck_steps() -> dict:
     now = timezone.now()
     requeued = failed = timed_out = over_time = 0
     close_old_connections()
-    for step in Step.objects.filter(status=Step.RUNNING, lease_until__lt=now).select_related(
-            "run")[:500]:
+    for step in Step.objects.filter(status=Step.RUNNING, lease_until__lt=now).select_related("run")[
+        :500
+    ]:
         if step.attempt >= 10:
             with transaction.atomic():
-                if Step.objects.filter(pk=step.pk, status=Step.RUNNING,
-                                       lease_until__lt=now).update(
-                        status=Step.FAILED, error_kind="transient",
-                        error=f"worker lost {step.attempt} times", finished_at=now):
+                if Step.objects.filter(pk=step.pk, status=Step.RUNNING, lease_until__lt=now).update(
+                    status=Step.FAILED,
+                    error_kind="transient",
+                    error=f"worker lost {step.attempt} times",
+                    finished_at=now,
+                ):
                     run = Run.objects.select_for_update().get(pk=step.run_id)
-                    _finish_run(run, Run.FAILED, f"{step.node_id}: worker lost {step.attempt} "
-                                                 "times")
+                    _finish_run(
+                        run, Run.FAILED, f"{step.node_id}: worker lost {step.attempt} times"
+                    )
                     failed += 1
             continue
         _enqueue_now(step.pk)
         requeued += 1
     stale = now - timedelta(seconds=max(settings.BATON_STEP_LEASE_S * 3, 15))
-    for step_id in Step.objects.filter(
+    for step_id in (
+        Step.objects.filter(
             status=Step.PENDING, created_at__lt=stale, run__status__in=(Run.QUEUED, Run.RUNNING)
-    ).filter(Q(not_before__isnull=True) | Q(not_before__lt=stale)).values_list(
-            "pk", flat=True)[:500]:
+        )
+        .filter(Q(not_before__isnull=True) | Q(not_before__lt=stale))
+        .values_list("pk", flat=True)[:500]
+    ):
         _enqueue_now(step_id)
         requeued += 1
     timed_out = _time_out_branches(now)
-    for run in Run.objects.filter(status__in=(Run.RUNNING, Run.WAITING_APPROVAL),
-                                  started_at__isnull=False)[:500]:
+    for run in Run.objects.filter(
+        status__in=(Run.RUNNING, Run.WAITING_APPROVAL), started_at__isnull=False
+    )[:500]:
         wall = (run.budget or {}).get("max_wall_s")
         if wall and (now - run.started_at).total_seconds() > wall:
             with transaction.atomic():
                 locked = Run.objects.select_for_update().get(pk=run.pk)
-                _finish_run(locked, Run.BUDGET_EXCEEDED, f"run wall-clock limit of {wall}s "
-                                                         "reached")
+                _finish_run(locked, Run.BUDGET_EXCEEDED, f"run wall-clock limit of {wall}s reached")
                 over_time += 1
-    return {"requeued": requeued, "failed": failed, "timed_out": timed_out,
-            "over_time": over_time}
+    return {"requeued": requeued, "failed": failed, "timed_out": timed_out, "over_time": over_time}
 
 
 def _time_out_branches(now) -> int:
     count = 0
-    joins = Step.objects.filter(kind="join", status=Step.WAITING,
-                                run__status__in=(Run.RUNNING, Run.WAITING_APPROVAL))
+    joins = Step.objects.filter(
+        kind="join", status=Step.WAITING, run__status__in=(Run.RUNNING, Run.WAITING_APPROVAL)
+    )
     for join_step in joins.select_related("run", "run__version")[:200]:
         frame = join_step.input.get("frame")
         if not frame:
@@ -883,8 +1065,11 @@ def _time_out_branches(now) -> int:
         spec = join_step.run.version.get_spec()
         parallel = node_map(spec).get(frame[0]) or {}
         timeout = parallel.get("branch_timeout_s")
-        fan_out = Step.objects.filter(run=join_step.run, node_id=frame[0],
-                                      status=Step.SUCCEEDED).order_by("-iteration").first()
+        fan_out = (
+            Step.objects.filter(run=join_step.run, node_id=frame[0], status=Step.SUCCEEDED)
+            .order_by("-iteration")
+            .first()
+        )
         if not timeout or fan_out is None or fan_out.finished_at is None:
             continue
         if (now - fan_out.finished_at).total_seconds() <= timeout:
@@ -897,22 +1082,22 @@ def _time_out_branches(now) -> int:
             missing = [b for b in locked.input.get("expected", []) if b not in locked.arrivals]
             for branch in missing:
                 _cancel_branch(run, frame, branch, now)
-                locked.arrivals = {**locked.arrivals, branch: {"status": "timeout",
-                                                               "source": None}}
+                locked.arrivals = {**locked.arrivals, branch: {"status": "timeout", "source": None}}
             locked.save(update_fields=["arrivals"])
-            events.append_event(run.pk, "step.timeout", _step_payload(
-                locked, branches=missing, timeout_s=timeout))
+            events.append_event(
+                run.pk, "step.timeout", _step_payload(locked, branches=missing, timeout_s=timeout)
+            )
             _maybe_release_join(run, spec, node_map(spec)[locked.node_id], locked)
             count += 1
     return count
 
 
 def _cancel_branch(run: Run, frame: list, branch: str, now) -> None:
-    for step in Step.objects.filter(run=run,
-                                    status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)):
+    for step in Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)):
         if [frame[0], branch] in step.branches:
-            Step.objects.filter(pk=step.pk).update(status=Step.CANCELLED,
-                                                   error="branch timed out", finished_at=now)
+            Step.objects.filter(pk=step.pk).update(
+                status=Step.CANCELLED, error="branch timed out", finished_at=now
+            )
 
 
 def wait_for(run: Run, timeout_s: float = 60.0, poll_s: float = 0.1) -> Run:
@@ -927,4 +1112,3 @@ def wait_for(run: Run, timeout_s: float = 60.0, poll_s: float = 0.1) -> Run:
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run.pk} still {run.status} after {timeout_s}s")
         time.sleep(poll_s)
-

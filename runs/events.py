@@ -43,11 +43,14 @@ def append_events(run_id: int, items: list[tuple[str, dict | None]]) -> list[Run
     with transaction.atomic():
         Run.objects.filter(pk=run_id).update(last_seq=F("last_seq") + len(items))
         last = Run.objects.values_list("last_seq", flat=True).get(pk=run_id)
-        created = RunEvent.objects.bulk_create([
-            RunEvent(run_id=run_id, seq=last - len(items) + 1 + i, kind=kind,
-                     payload=payload or {})
-            for i, (kind, payload) in enumerate(items)
-        ])
+        created = RunEvent.objects.bulk_create(
+            [
+                RunEvent(
+                    run_id=run_id, seq=last - len(items) + 1 + i, kind=kind, payload=payload or {}
+                )
+                for i, (kind, payload) in enumerate(items)
+            ]
+        )
         transaction.on_commit(lambda: [_publisher.put(event) for event in created])
     return created
 
@@ -69,8 +72,9 @@ class _Publisher:
         self._queue.put(event)
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="baton-publisher",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="baton-publisher", daemon=True
+                )
                 self._thread.start()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -111,8 +115,7 @@ def publish_event(event: RunEvent) -> None:
     try:
         _publish_event(event)
     except Exception:
-        log.warning("could not publish event %s of run %s", event.seq, event.run_id,
-                    exc_info=True)
+        log.warning("could not publish event %s of run %s", event.seq, event.run_id, exc_info=True)
 
 
 def _publish_event(event: RunEvent) -> None:
@@ -136,8 +139,12 @@ def publish_tokens(run_id: int, step_id: int, text: str) -> None:
 
     _send(
         run_group(run_id),
-        {"type": "run.stream", "run_id": run_id, "step_id": step_id,
-         "html": fragments.render_stream(step_id, text)},
+        {
+            "type": "run.stream",
+            "run_id": run_id,
+            "step_id": step_id,
+            "html": fragments.render_stream(step_id, text),
+        },
     )
 
 

@@ -12,6 +12,29 @@ from django.utils import timezone
 from runs.models import Run
 from teams.models import Workflow
 
+
+class JSONField(forms.JSONField):
+    """Django's JSONField, with JSON nested too deeply for Python a form error, not a crash."""
+
+    def to_python(self, value):
+        try:
+            return super().to_python(value)
+        except RecursionError as exc:
+            raise forms.ValidationError("Not usable JSON: nested too deeply.") from exc
+
+    def bound_data(self, data, initial):
+        try:
+            return super().bound_data(data, initial)
+        except RecursionError:
+            return forms.fields.InvalidJSONInput(data)
+
+    def has_changed(self, initial, data):
+        try:
+            return super().has_changed(initial, data)
+        except RecursionError:
+            return True
+
+
 # Strings longer than this (by their schema's maxLength) get a textarea.
 LONG_STRING = 200
 
@@ -152,13 +175,13 @@ def schema_field(name: str, prop: dict, required: bool) -> forms.Field:
             **common,
         )
     # Objects, arrays and untyped values are edited as JSON.
-    return forms.JSONField(widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}), **common)
+    return JSONField(widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}), **common)
 
 
 class ForkForm(forms.Form):
     """Fork a run from one of its steps, optionally with a new input, prompt or model."""
 
-    input = forms.JSONField(
+    input = JSONField(
         widget=forms.Textarea(attrs={"rows": 8, "class": "mono"}),
         help_text="The new run's input (JSON).",
     )

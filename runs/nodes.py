@@ -13,7 +13,13 @@ import re
 import jsonschema
 
 from runs.context import (
-    ApprovalRejected, StepContext, StepFailed, WaitingForHuman, lookup, render, render_value,
+    ApprovalRejected,
+    StepContext,
+    StepFailed,
+    WaitingForHuman,
+    lookup,
+    render,
+    render_value,
 )
 from runs.models import Run
 from teams.models import Agent, Tool, Workflow
@@ -42,16 +48,25 @@ def system_prompt(agent: Agent, output_schema: dict | None = None) -> str:
 
 
 def task_prompt(ctx: StepContext, default: str = "{input}") -> str:
-    template = (ctx.run.overrides.get(ctx.node["id"]) or {}).get("prompt") or ctx.node.get(
-        "prompt") or default
+    template = (
+        (ctx.run.overrides.get(ctx.node["id"]) or {}).get("prompt")
+        or ctx.node.get("prompt")
+        or default
+    )
     state = {**ctx.state, "input": ctx.run.input}
     return render(template, state)
 
 
 # --- agent ----------------------------------------------------------------------------------
 
-def run_agent(ctx: StepContext, agent: Agent, prompt: str, output_schema: dict | None = None,
-              history: list[dict] | None = None) -> tuple[str, object]:
+
+def run_agent(
+    ctx: StepContext,
+    agent: Agent,
+    prompt: str,
+    output_schema: dict | None = None,
+    history: list[dict] | None = None,
+) -> tuple[str, object]:
     """The agent loop: ask, run the tool calls it makes, ask again, until it answers.
 
     Returns (text, parsed output). A reply that misses its schema (or is empty) gets one repair
@@ -59,28 +74,46 @@ def run_agent(ctx: StepContext, agent: Agent, prompt: str, output_schema: dict |
     """
     tools = {t.name: t for t in agent.tools.all()}
     offered = [t.as_function() for t in tools.values()] or None
-    messages = [{"role": "system", "content": system_prompt(agent, output_schema)},
-                *(history or []), {"role": "user", "content": prompt}]
+    messages = [
+        {"role": "system", "content": system_prompt(agent, output_schema)},
+        *(history or []),
+        {"role": "user", "content": prompt},
+    ]
     for _round in range(agent.max_tool_rounds + 1):
         reply = ctx.llm(agent, messages, tools=offered)
         if not reply.tool_calls:
             break
-        messages.append({"role": "assistant", "content": reply.text or None, "tool_calls": [
-            {"id": c["id"], "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for c in reply.tool_calls
-        ]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": reply.text or None,
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])},
+                    }
+                    for c in reply.tool_calls
+                ],
+            }
+        )
         for call in reply.tool_calls:
             tool = tools.get(call["name"])
             if tool is None:
                 outcome = {"error": f"unknown tool {call['name']!r}"}
             else:
                 outcome = ctx.call_tool(tool, call.get("arguments") or {}, call.get("id", ""))
-            messages.append({"role": "tool", "tool_call_id": call["id"],
-                             "content": json.dumps(outcome, default=str)})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call["id"],
+                    "content": json.dumps(outcome, default=str),
+                }
+            )
     else:
-        raise StepFailed("semantic", f"agent still calling tools after {agent.max_tool_rounds} "
-                                     "rounds")
+        raise StepFailed(
+            "semantic", f"agent still calling tools after {agent.max_tool_rounds} rounds"
+        )
     ctx.messages_log = messages + [{"role": "assistant", "content": reply.text}]
 
     problem = output_problem(reply.text, output_schema)
@@ -88,9 +121,11 @@ def run_agent(ctx: StepContext, agent: Agent, prompt: str, output_schema: dict |
         return reply.text, parse_output(reply.text, output_schema)
     messages = messages + [
         {"role": "assistant", "content": reply.text},
-        {"role": "user", "content": f"Your reply was not usable: {problem}. Reply again with "
-                                    + ("only JSON matching the schema." if output_schema
-                                       else "a complete answer.")},
+        {
+            "role": "user",
+            "content": f"Your reply was not usable: {problem}. Reply again with "
+            + ("only JSON matching the schema." if output_schema else "a complete answer."),
+        },
     ]
     repaired = ctx.llm(agent, messages)
     ctx.messages_log = messages + [{"role": "assistant", "content": repaired.text}]
@@ -111,7 +146,7 @@ def extract_json(text: str):
         start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
         if start < 0:
             raise
-        return json.loads(text[start:text.rfind("}" if text[start] == "{" else "]") + 1])
+        return json.loads(text[start : text.rfind("}" if text[start] == "{" else "]") + 1])
 
 
 def output_problem(text: str, schema: dict | None) -> str | None:
@@ -143,6 +178,7 @@ def agent_node(ctx: StepContext):
 
 # --- tool -----------------------------------------------------------------------------------
 
+
 def tool_node(ctx: StepContext):
     tool = Tool.objects.filter(name=ctx.node["tool"]).first()
     if tool is None:
@@ -155,6 +191,7 @@ def tool_node(ctx: StepContext):
 
 
 # --- router ---------------------------------------------------------------------------------
+
 
 def condition_holds(condition: dict | None, state: dict) -> bool:
     if not condition:
@@ -183,24 +220,43 @@ def condition_holds(condition: dict | None, state: dict) -> bool:
 
 
 def router_node(ctx: StepContext):
-    edges = [e for e in ctx.spec["edges"]
-             if e["source"] == ctx.node["id"] and e.get("on", "success") == "success"]
+    edges = [
+        e
+        for e in ctx.spec["edges"]
+        if e["source"] == ctx.node["id"] and e.get("on", "success") == "success"
+    ]
     if ctx.node.get("agent"):
         agent = get_agent(ctx.node["agent"])
         ctx.step.agent = agent
         labels = [e["label"] for e in edges]
         prompt = task_prompt(ctx, default="Classify this request: {input}")
         prompt += "\n\nReply with the one label that fits best.\n" + CHOICE_LINE.format(
-            options=" | ".join(labels))
-        reply = ctx.llm(agent, [{"role": "system", "content": system_prompt(agent)},
-                                {"role": "user", "content": prompt}], stream=False)
+            options=" | ".join(labels)
+        )
+        reply = ctx.llm(
+            agent,
+            [
+                {"role": "system", "content": system_prompt(agent)},
+                {"role": "user", "content": prompt},
+            ],
+            stream=False,
+        )
         chosen = _match_option(reply.text, labels)
         edge = next((e for e in edges if e["label"] == chosen), None) or next(
-            e for e in edges if e.get("default"))
+            e for e in edges if e.get("default")
+        )
     else:
         state = {**ctx.state, "input": ctx.run.input}
-        edge = next((e for e in edges if not e.get("default") and e.get("condition")
-                     and condition_holds(e["condition"], state)), None)
+        edge = next(
+            (
+                e
+                for e in edges
+                if not e.get("default")
+                and e.get("condition")
+                and condition_holds(e["condition"], state)
+            ),
+            None,
+        )
         edge = edge or next(e for e in edges if e.get("default"))
     output = {"route": edge.get("label") or edge["target"], "target": edge["target"]}
     return f"route: {output['route']}", output
@@ -219,6 +275,7 @@ def _match_option(text: str, options: list[str]) -> str | None:
 
 # --- parallel / join ------------------------------------------------------------------------
 
+
 def parallel_node(ctx: StepContext):
     return "fan-out", None
 
@@ -233,12 +290,14 @@ def join_node(ctx: StepContext):
             "output": ctx.state.get(source) if source else None,
         }
     failed = [b for b, o in delivered.items() if o["status"] != "succeeded"]
-    text = f"joined {len(delivered)} branches" + (f"; failed: {', '.join(failed)}" if failed
-                                                  else "")
+    text = f"joined {len(delivered)} branches" + (
+        f"; failed: {', '.join(failed)}" if failed else ""
+    )
     return text, {"branches": delivered, "failed": failed}
 
 
 # --- supervisor -----------------------------------------------------------------------------
+
 
 def supervisor_node(ctx: StepContext):
     """A supervisor LLM picks the next worker by name (or FINISH), for a bounded number of turns."""
@@ -250,19 +309,28 @@ def supervisor_node(ctx: StepContext):
     max_turns = ctx.node.get("max_turns", 6)
     for _turn in range(max_turns):
         chosen_names = [t["worker"] for t in transcript]
-        ask = (f"Task: {brief}\n\nWork so far:\n{_transcript_text(transcript) or '(none)'}\n\n"
-               "Pick the worker who should act next, or FINISH when the task is done.\n"
-               + CHOICE_LINE.format(options=" | ".join([w.name for w in workers] + [FINISH])))
+        ask = (
+            f"Task: {brief}\n\nWork so far:\n{_transcript_text(transcript) or '(none)'}\n\n"
+            "Pick the worker who should act next, or FINISH when the task is done.\n"
+            + CHOICE_LINE.format(options=" | ".join([w.name for w in workers] + [FINISH]))
+        )
         if chosen_names:
             ask += "\n" + CHOSEN_LINE.format(options=" | ".join(chosen_names))
-        reply = ctx.llm(supervisor, [{"role": "system", "content": system_prompt(supervisor)},
-                                     {"role": "user", "content": ask}], stream=False)
+        reply = ctx.llm(
+            supervisor,
+            [
+                {"role": "system", "content": system_prompt(supervisor)},
+                {"role": "user", "content": ask},
+            ],
+            stream=False,
+        )
         choice = _match_option(reply.text, [w.name for w in workers] + [FINISH])
         if choice is None or choice == FINISH:
             break
         worker = next(w for w in workers if w.name == choice)
-        text, _ = run_agent(ctx, worker, f"{brief}\n\nWork so far:\n"
-                                         f"{_transcript_text(transcript) or '(none)'}")
+        text, _ = run_agent(
+            ctx, worker, f"{brief}\n\nWork so far:\n{_transcript_text(transcript) or '(none)'}"
+        )
         transcript.append({"worker": worker.name, "output": text})
     result = transcript[-1]["output"] if transcript else ""
     return result, {"result": result, "transcript": transcript, "turns": len(transcript)}
@@ -273,6 +341,7 @@ def _transcript_text(transcript: list[dict]) -> str:
 
 
 # --- vote -----------------------------------------------------------------------------------
+
 
 def vote_node(ctx: StepContext):
     """N agents answer the same task; a judge picks one (or synthesises). Disagreement is kept."""
@@ -285,14 +354,19 @@ def vote_node(ctx: StepContext):
         text, _ = run_agent(ctx, voter, prompt)
         answers.append({"agent": voter.name, "answer": text})
     distinct = len({_normalise(a["answer"]) for a in answers})
-    numbered = "\n\n".join(f"Answer {i + 1} ({a['agent']}):\n{a['answer']}"
-                           for i, a in enumerate(answers))
+    numbered = "\n\n".join(
+        f"Answer {i + 1} ({a['agent']}):\n{a['answer']}" for i, a in enumerate(answers)
+    )
     labels = [f"Answer {i + 1}" for i in range(len(answers))]
     if ctx.node.get("mode", "pick") == "pick":
-        ask = (f"Task: {prompt}\n\n{numbered}\n\nPick the best answer.\n"
-               + CHOICE_LINE.format(options=" | ".join(labels)))
-        reply = ctx.llm(judge, [{"role": "system", "content": system_prompt(judge)},
-                                {"role": "user", "content": ask}], stream=False)
+        ask = f"Task: {prompt}\n\n{numbered}\n\nPick the best answer.\n" + CHOICE_LINE.format(
+            options=" | ".join(labels)
+        )
+        reply = ctx.llm(
+            judge,
+            [{"role": "system", "content": system_prompt(judge)}, {"role": "user", "content": ask}],
+            stream=False,
+        )
         picked = _match_option(reply.text, labels) or labels[0]
         result = answers[labels.index(picked)]["answer"]
         verdict = {"picked": picked}
@@ -300,10 +374,18 @@ def vote_node(ctx: StepContext):
         ask = f"Task: {prompt}\n\n{numbered}\n\nSynthesise the best single answer from these."
         result, _ = run_agent(ctx, judge, ask)
         verdict = {"synthesised": True}
-    output = {"result": result, "answers": answers, "distinct_answers": distinct,
-              "agreement": distinct == 1, **verdict}
-    if distinct > 1 and ctx.node.get("escalate_on_disagreement") and not ctx.step.input.get(
-            "disagreement_approved"):
+    output = {
+        "result": result,
+        "answers": answers,
+        "distinct_answers": distinct,
+        "agreement": distinct == 1,
+        **verdict,
+    }
+    if (
+        distinct > 1
+        and ctx.node.get("escalate_on_disagreement")
+        and not ctx.step.input.get("disagreement_approved")
+    ):
         raise _escalate(ctx, "Voters disagree", {"output": output})
     return result, output
 
@@ -313,6 +395,7 @@ def _normalise(text: str) -> str:
 
 
 # --- debate ---------------------------------------------------------------------------------
+
 
 def debate_node(ctx: StepContext):
     """Agents take turns critiquing the current answer until all agree or a round limit; a judge
@@ -330,27 +413,39 @@ def debate_node(ctx: StepContext):
         turns = []
         for debater in debaters:
             so_far = _debate_text(summary, rounds + [turns])
-            ask = (f"Question: {prompt}\n\nDebate so far:\n{so_far or '(you open the debate)'}"
-                   f"\n\nROUND {number}\nGive your answer or critique the others' answers. "
-                   "If you agree with the current answer, start your reply with AGREE.")
+            ask = (
+                f"Question: {prompt}\n\nDebate so far:\n{so_far or '(you open the debate)'}"
+                f"\n\nROUND {number}\nGive your answer or critique the others' answers. "
+                "If you agree with the current answer, start your reply with AGREE."
+            )
             text, _ = run_agent(ctx, debater, ask)
             turns.append({"agent": debater.name, "text": text})
         rounds.append(turns)
         if len(_debate_text(summary, rounds)) // 4 > limit and len(rounds) > 1:
             older = _debate_text(summary, rounds[:-1])
-            summary, _ = run_agent(ctx, judge, "Summarise this debate in a few sentences, "
-                                               f"keeping every open disagreement:\n\n{older}")
+            summary, _ = run_agent(
+                ctx,
+                judge,
+                "Summarise this debate in a few sentences, "
+                f"keeping every open disagreement:\n\n{older}",
+            )
             rounds = rounds[-1:]
         if number > 1 and all(t["text"].lstrip().upper().startswith("AGREE") for t in turns):
             agreed = True
             break
     verdict, _ = run_agent(
-        ctx, judge,
+        ctx,
+        judge,
         f"Question: {prompt}\n\nDebate:\n{_debate_text(summary, rounds)}\n\n"
         "As the judge, give the final answer.",
     )
-    return verdict, {"result": verdict, "agreed": agreed, "rounds": number,
-                     "summary": summary, "transcript": rounds}
+    return verdict, {
+        "result": verdict,
+        "agreed": agreed,
+        "rounds": number,
+        "summary": summary,
+        "transcript": rounds,
+    }
 
 
 def _debate_text(summary: str, rounds: list[list[dict]]) -> str:
@@ -362,6 +457,7 @@ def _debate_text(summary: str, rounds: list[list[dict]]) -> str:
 
 # --- subworkflow ----------------------------------------------------------------------------
 
+
 def subworkflow_node(ctx: StepContext):
     """Start a child run of another published workflow, once; the step waits for it."""
     from runs import engine
@@ -371,27 +467,34 @@ def subworkflow_node(ctx: StepContext):
         text = child.result if isinstance(child.result, str) else json.dumps(child.result)
         return text, child.result
     if child is not None and child.status in Run.TERMINAL:
-        raise StepFailed("permanent", f"sub-workflow run {child.pk} ended {child.status}: "
-                                      f"{child.error}")
+        raise StepFailed(
+            "permanent", f"sub-workflow run {child.pk} ended {child.status}: {child.error}"
+        )
     if child is None:
         workflow = Workflow.objects.filter(slug=ctx.node["workflow"]).first()
         if workflow is None:
             raise StepFailed("permanent", f"workflow {ctx.node['workflow']!r} does not exist")
-        version = (workflow.versions.filter(number=ctx.node["version"]).first()
-                   if ctx.node.get("version") else workflow.latest_version())
+        version = (
+            workflow.versions.filter(number=ctx.node["version"]).first()
+            if ctx.node.get("version")
+            else workflow.latest_version()
+        )
         if version is None:
             raise StepFailed("permanent", f"workflow {workflow.slug!r} has no published version")
-        child_input = render_value(ctx.node.get("input") or dict(ctx.run.input),
-                                   {**ctx.state, "input": ctx.run.input})
+        child_input = render_value(
+            ctx.node.get("input") or dict(ctx.run.input), {**ctx.state, "input": ctx.run.input}
+        )
         try:
             engine.start_run(version, child_input, ctx.run.started_by, parent_step=ctx.step)
         except engine.RunInputError as exc:
-            raise StepFailed("permanent", f"sub-workflow input invalid: {'; '.join(exc.messages)}"
-                             ) from exc
+            raise StepFailed(
+                "permanent", f"sub-workflow input invalid: {'; '.join(exc.messages)}"
+            ) from exc
     raise WaitingForHuman("waiting for the sub-workflow run")
 
 
 # --- approval -------------------------------------------------------------------------------
+
 
 def approval_node(ctx: StepContext):
     decision = ctx.step.input.get("decision")
@@ -399,12 +502,18 @@ def approval_node(ctx: StepContext):
         if not decision["approved"]:
             raise ApprovalRejected(decision.get("comment") or "rejected")
         return f"approved: {decision.get('comment', '')}".strip(), {
-            "approved": True, "comment": decision.get("comment", ""),
+            "approved": True,
+            "comment": decision.get("comment", ""),
             "payload": decision.get("payload"),
         }
-    raise _escalate(ctx, ctx.node.get("title") or f"Approve {ctx.node['id']}", {
-        "prompt": render(ctx.node.get("prompt", ""), {**ctx.state, "input": ctx.run.input}),
-    }, kind="node")
+    raise _escalate(
+        ctx,
+        ctx.node.get("title") or f"Approve {ctx.node['id']}",
+        {
+            "prompt": render(ctx.node.get("prompt", ""), {**ctx.state, "input": ctx.run.input}),
+        },
+        kind="node",
+    )
 
 
 def _escalate(ctx: StepContext, title: str, payload: dict, kind: str = "escalation"):
@@ -424,4 +533,3 @@ EXECUTORS = {
     "subworkflow": subworkflow_node,
     "approval": approval_node,
 }
-

@@ -67,6 +67,8 @@ class JSONTextField(forms.CharField):
             raise ValidationError(
                 f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
             ) from exc
+        except RecursionError as exc:
+            raise ValidationError("Not usable JSON: nested too deeply.") from exc
         if self.expect is dict and not isinstance(parsed, dict):
             raise ValidationError("Must be a JSON object: {...}.")
         if self.expect is not None and not isinstance(parsed, self.expect):
@@ -317,7 +319,7 @@ def _condition_value_text(value: Any) -> str:
     if isinstance(value, str):
         try:
             json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return json.dumps(value)
 
@@ -412,7 +414,7 @@ class EdgeForm(forms.Form):
             if data["condition_value"] != "":
                 try:
                     condition["value"] = json.loads(data["condition_value"])
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     condition["value"] = data["condition_value"]
             edge["condition"] = condition
         else:

@@ -39,12 +39,21 @@ import copy
 from dataclasses import dataclass
 
 import jsonschema
+import referencing.exceptions
 
 SCHEMA_VERSION = 2
 
 NODE_KINDS = (
-    "agent", "tool", "router", "parallel", "join", "supervisor", "vote", "debate",
-    "subworkflow", "approval",
+    "agent",
+    "tool",
+    "router",
+    "parallel",
+    "join",
+    "supervisor",
+    "vote",
+    "debate",
+    "subworkflow",
+    "approval",
 )
 EDGE_TRIGGERS = ("success", "failure", "rejected")
 CONDITION_OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "contains", "in", "exists", "truthy")
@@ -85,12 +94,14 @@ def upgrade_spec(spec: dict, from_version: int | None = None) -> dict:
     if not isinstance(spec, dict):
         return spec
     spec = copy.deepcopy(spec)
-    version = from_version or spec.get("schema_version") or _guess_version(spec)
+    version = from_version or spec.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        version = _guess_version(spec)
     if version < 2:
-        for node in spec.get("nodes") or []:
+        for node in spec.get("nodes") if isinstance(spec.get("nodes"), list) else []:
             if isinstance(node, dict) and "type" in node and "kind" not in node:
                 node["kind"] = node.pop("type")
-        for edge in spec.get("edges") or []:
+        for edge in spec.get("edges") if isinstance(spec.get("edges"), list) else []:
             if isinstance(edge, dict):
                 if "from" in edge and "source" not in edge:
                     edge["source"] = edge.pop("from")
@@ -101,8 +112,8 @@ def upgrade_spec(spec: dict, from_version: int | None = None) -> dict:
 
 
 def _guess_version(spec: dict) -> int:
-    nodes = spec.get("nodes") or []
-    edges = spec.get("edges") or []
+    nodes = spec.get("nodes") if isinstance(spec.get("nodes"), list) else []
+    edges = spec.get("edges") if isinstance(spec.get("edges"), list) else []
     if any(isinstance(n, dict) and "type" in n for n in nodes) or any(
         isinstance(e, dict) and "from" in e for e in edges
     ):
@@ -110,25 +121,33 @@ def _guess_version(spec: dict) -> int:
     return SCHEMA_VERSION
 
 
+def _nodes(spec) -> list[dict]:
+    nodes = spec.get("nodes") if isinstance(spec, dict) else None
+    return [n for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
+
+
 def node_map(spec: dict) -> dict[str, dict]:
-    return {n["id"]: n for n in spec.get("nodes", []) if isinstance(n, dict) and "id" in n}
+    return {n["id"]: n for n in _nodes(spec) if isinstance(n.get("id"), str)}
 
 
 def entry_node(spec: dict) -> str | None:
-    if spec.get("entry"):
-        return spec["entry"]
-    nodes = spec.get("nodes") or []
-    return nodes[0]["id"] if nodes else None
+    entry = spec.get("entry")
+    if entry:
+        return entry if isinstance(entry, str) else None
+    nodes = _nodes(spec)
+    return nodes[0].get("id") if nodes and isinstance(nodes[0].get("id"), str) else None
 
 
 def agents_used(spec: dict) -> set[str]:
     names: set[str] = set()
-    for node in spec.get("nodes", []):
+    for node in _nodes(spec):
         for key in ("agent", "judge"):
             if isinstance(node.get(key), str) and node[key]:
                 names.add(node[key])
         for key in ("agents", "workers"):
-            names.update(a for a in node.get(key) or [] if isinstance(a, str))
+            values = node.get(key)
+            if isinstance(values, list):
+                names.update(a for a in values if isinstance(a, str))
     return names
 
 
@@ -175,7 +194,7 @@ def validate_spec(
             continue
         ends_ok = True
         for end in ("source", "target"):
-            if edge.get(end) not in by_id:
+            if not isinstance(edge.get(end), str) or edge.get(end) not in by_id:
                 problems.append(Problem(f"{end} {edge.get(end)!r} is not a node", edge=index))
                 ends_ok = False
         if edge.get("on", "success") not in EDGE_TRIGGERS:
@@ -183,14 +202,15 @@ def validate_spec(
         if "condition" in edge and edge["condition"] is not None:
             problems += [Problem(m, edge=index) for m in _condition_problems(edge["condition"])]
         bound = edge.get("max_iterations")
-        if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool)
-                                  or bound < 1):
+        if bound is not None and (
+            not isinstance(bound, int) or isinstance(bound, bool) or bound < 1
+        ):
             problems.append(Problem("max_iterations must be a whole number >= 1", edge=index))
         if ends_ok:
             valid_edges.append(edge)
 
     entry = entry_node(spec)
-    if entry not in by_id:
+    if not isinstance(entry, str) or entry not in by_id:
         problems.append(Problem(f"entry node {entry!r} does not exist"))
         return problems
 
@@ -232,8 +252,10 @@ def validate_spec(
     if cycle:
         path = " -> ".join(cycle)
         problems.append(
-            Problem(f"cycle without a loop bound ({path}); set max_iterations on one of its edges",
-                    node=cycle[0])
+            Problem(
+                f"cycle without a loop bound ({path}); set max_iterations on one of its edges",
+                node=cycle[0],
+            )
         )
     return problems
 
@@ -245,8 +267,12 @@ def _check_schema(schema, name: str, required: bool) -> list[Problem]:
         return [Problem(f"`{name}` must be a JSON schema object")]
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
+        # Resolving the schema against a sample finds references to nowhere ($ref).
+        jsonschema.Draft202012Validator(schema).is_valid({})
     except jsonschema.SchemaError as exc:
         return [Problem(f"`{name}` is not a valid JSON schema: {exc.message}")]
+    except (referencing.exceptions.Unresolvable, RecursionError) as exc:
+        return [Problem(f"`{name}` has a reference that cannot be resolved: {exc}"[:300])]
     return []
 
 
@@ -367,7 +393,7 @@ def _find_cycle(by_id: dict, edges: list[dict]) -> list[str] | None:
                 state[path.pop()] = 2
                 continue
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)

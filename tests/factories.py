@@ -8,7 +8,9 @@ def make_role(name: str = "Researcher", goal: str = "Find facts", backstory: str
     return role
 
 
-def make_agent(name: str = "researcher", model: str = "scripted/baton", tools=(), **fields) -> Agent:
+def make_agent(
+    name: str = "researcher", model: str = "scripted/baton", tools=(), **fields
+) -> Agent:
     role = fields.pop("role", None) or make_role(f"{name} role", goal=f"Act as {name}")
     agent = Agent.objects.create(name=name, role=role, model=model, **fields)
     agent.tools.set(tools)
@@ -19,17 +21,22 @@ def make_tool(name: str = "calculator", entrypoint: str = "baton.calculator", **
     fields.setdefault("description", f"The {name} tool")
     fields.setdefault(
         "args_schema",
-        {"type": "object", "properties": {"expression": {"type": "string"}},
-         "required": ["expression"]},
+        {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
     )
     return Tool.objects.create(name=name, entrypoint=entrypoint, **fields)
 
 
-def make_workflow(spec: dict, owner=None, members=(), slug: str = "wf", publish: bool = True,
-                  **fields) -> Workflow:
+def make_workflow(
+    spec: dict, owner=None, members=(), slug: str = "wf", publish: bool = True, **fields
+) -> Workflow:
     spec = {"input_schema": {"type": "object", "properties": {}}, **spec}
-    workflow = Workflow.objects.create(name=fields.pop("name", slug), slug=slug, owner=owner,
-                                       draft=spec, **fields)
+    workflow = Workflow.objects.create(
+        name=fields.pop("name", slug), slug=slug, owner=owner, draft=spec, **fields
+    )
     workflow.members.set(members)
     if publish:
         workflow.publish(user=owner, note="test")
@@ -40,8 +47,11 @@ def pipeline_spec(*agent_names: str, prompt: str = "Work on {topic}") -> dict:
     nodes = [{"id": name, "kind": "agent", "agent": name, "prompt": prompt} for name in agent_names]
     edges = [{"source": a, "target": b} for a, b in zip(agent_names, agent_names[1:])]
     return {
-        "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}},
-                         "required": ["topic"]},
+        "input_schema": {
+            "type": "object",
+            "properties": {"topic": {"type": "string"}},
+            "required": ["topic"],
+        },
         "nodes": nodes,
         "edges": edges,
     }

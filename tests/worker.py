@@ -38,13 +38,29 @@ class WorkerProcess:
         }
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker",
-                "--pool", "threads", "--concurrency", str(self.concurrency),
-                "--hostname", f"{self.name}-{settings.TEST_ID}@%h",
-                "--queues", settings.CELERY_TASK_DEFAULT_QUEUE,
-                "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "orchestrator_site",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(self.concurrency),
+                "--hostname",
+                f"{self.name}-{settings.TEST_ID}@%h",
+                "--queues",
+                settings.CELERY_TASK_DEFAULT_QUEUE,
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
             ],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -100,13 +116,17 @@ def quiesce(timeout_s: float = 30.0) -> None:
     Run.objects.filter(status__in=Run.ACTIVE).update(status=Run.CANCELLED, cancel_requested=True)
     prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"]
     url = settings.CELERY_BROKER_URL
-    client = (redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
-              if url.startswith("redis+socket://") else redis.Redis.from_url(url))
+    client = (
+        redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
+        if url.startswith("redis+socket://")
+        else redis.Redis.from_url(url)
+    )
     deadline = time.monotonic() + timeout_s
     idle_since = None
     while time.monotonic() < deadline:
-        busy = (client.llen(f"{prefix}{settings.CELERY_TASK_DEFAULT_QUEUE}")
-                or client.hlen(f"{prefix}unacked"))
+        busy = client.llen(f"{prefix}{settings.CELERY_TASK_DEFAULT_QUEUE}") or client.hlen(
+            f"{prefix}unacked"
+        )
         if busy:
             idle_since = None
         elif idle_since is None:

@@ -1,14 +1,20 @@
 """Built-in tools. Deterministic and offline, so demos and tests behave the same everywhere."""
 
 import ast
+import math
 import operator
 
 from django.db import IntegrityError, transaction
 
 _OPERATORS = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.Pow: operator.pow, ast.Mod: operator.mod,
-    ast.USub: operator.neg, ast.UAdd: operator.pos,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.Mod: operator.mod,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
 }
 
 NOTES = {
@@ -29,22 +35,37 @@ def calculator(args: dict, ctx) -> dict:
     def walk(node):
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int | float)
+            and not (isinstance(node.value, bool))
+        ):
+            if isinstance(node.value, float) and not math.isfinite(node.value):
+                raise ValueError(f"{node.value} is not a finite number")
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
+            if isinstance(node.op, ast.Pow) and (abs(right) > 100 or abs(left) > 1e100):
                 raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](left, right)
+            value = _OPERATORS[type(node.op)](left, right)
+            if not isinstance(value, complex) and abs(value) > 1e300:
+                raise ValueError("result too large")
+            return value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](walk(node.operand))
         raise ValueError("only numbers and + - * / ** % are allowed")
 
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError as exc:
+    except (SyntaxError, RecursionError) as exc:
         raise ValueError(f"not an arithmetic expression: {expression!r}") from exc
-    return {"expression": expression, "result": walk(tree)}
+    try:
+        result = walk(tree)
+    except (ZeroDivisionError, OverflowError, RecursionError) as exc:
+        raise ValueError(f"cannot compute {expression!r}: {exc}") from exc
+    if isinstance(result, complex) or (isinstance(result, float) and not math.isfinite(result)):
+        raise ValueError(f"{expression!r} has no finite real result")
+    return {"expression": expression, "result": result}
 
 
 def word_count(args: dict, ctx) -> dict:
@@ -80,8 +101,12 @@ def _once(ctx, tool: str, payload: dict, result: dict) -> dict:
 def publish_report(args: dict, ctx) -> dict:
     title = str(args.get("title", "Report"))[:200]
     body = str(args.get("body", ""))
-    return _once(ctx, "publish_report", {"title": title, "body": body},
-                 {"published": True, "title": title, "key": ctx.idempotency_key})
+    return _once(
+        ctx,
+        "publish_report",
+        {"title": title, "body": body},
+        {"published": True, "title": title, "key": ctx.idempotency_key},
+    )
 
 
 def send_email(args: dict, ctx) -> dict:
@@ -89,8 +114,12 @@ def send_email(args: dict, ctx) -> dict:
     if "@" not in to:
         raise ValueError(f"not an email address: {to!r}")
     subject = str(args.get("subject", ""))[:200]
-    return _once(ctx, "send_email", {"to": to, "subject": subject, "body": str(args.get("body", ""))},
-                 {"sent": True, "to": to, "key": ctx.idempotency_key})
+    return _once(
+        ctx,
+        "send_email",
+        {"to": to, "subject": subject, "body": str(args.get("body", ""))},
+        {"sent": True, "to": to, "key": ctx.idempotency_key},
+    )
 
 
 def flaky(args: dict, ctx) -> dict:

@@ -44,11 +44,19 @@ def test_step_token_budget_stops_the_run(celery_worker, alice):
 
 def test_max_steps_per_run_ends_a_loop(celery_worker, alice):
     make_tool("calculator")
-    workflow = make_workflow({"input_schema": {"type": "object"}, "nodes": [
-        {"id": "spin", "kind": "tool", "tool": "calculator", "args": {"expression": "1"}}],
-        "edges": [{"source": "spin", "target": "spin", "max_iterations": 50}]}, owner=alice)
-    run = engine.wait_for(engine.start_run(workflow.latest_version(), {}, None,
-                                           budget={"max_steps": 4}))
+    workflow = make_workflow(
+        {
+            "input_schema": {"type": "object"},
+            "nodes": [
+                {"id": "spin", "kind": "tool", "tool": "calculator", "args": {"expression": "1"}}
+            ],
+            "edges": [{"source": "spin", "target": "spin", "max_iterations": 50}],
+        },
+        owner=alice,
+    )
+    run = engine.wait_for(
+        engine.start_run(workflow.latest_version(), {}, None, budget={"max_steps": 4})
+    )
     assert run.status == Run.BUDGET_EXCEEDED and "max steps per run (4)" in run.error
     assert run.steps.count() == 4
 
@@ -62,34 +70,45 @@ def test_wall_clock_limit_ends_the_run(celery_worker, alice, fake_llm):
     assert run.status == Run.BUDGET_EXCEEDED and "wall-clock" in run.error
 
 
-def test_parallel_branches_cannot_overrun_the_budget_by_more_than_one_call(celery_worker, alice,
-                                                                          fake_llm):
+def test_parallel_branches_cannot_overrun_the_budget_by_more_than_one_call(
+    celery_worker, alice, fake_llm
+):
     fake_llm.latency_ms = 500
     names = [f"branch{i}" for i in range(6)]
     for name in names:
         make_agent(name, model=fake_llm.model(), api_base=fake_llm.base_url, max_tokens=200)
     make_agent("joiner", model=fake_llm.model(), api_base=fake_llm.base_url, max_tokens=200)
-    from runs.models import ModelPrice
     from django.utils import timezone
 
-    ModelPrice.objects.create(model=fake_llm.model(), input_per_1m=Decimal("100"),
-                              output_per_1m=Decimal("100"), effective_from=timezone.now()
-                              - timezone.timedelta(days=1))
+    from runs.models import ModelPrice
+
+    ModelPrice.objects.create(
+        model=fake_llm.model(),
+        input_per_1m=Decimal("100"),
+        output_per_1m=Decimal("100"),
+        effective_from=timezone.now() - timezone.timedelta(days=1),
+    )
     spec = {
         "input_schema": {"type": "object"},
-        "nodes": [{"id": "fan", "kind": "parallel"},
-                  *({"id": n, "kind": "agent", "agent": n, "prompt": "Go"} for n in names),
-                  {"id": "join", "kind": "join", "on_branch_failure": "continue"},
-                  {"id": "end", "kind": "agent", "agent": "joiner", "prompt": "Sum up"}],
-        "edges": [*({"source": "fan", "target": n} for n in names),
-                  *({"source": n, "target": "join"} for n in names),
-                  {"source": "join", "target": "end"}],
+        "nodes": [
+            {"id": "fan", "kind": "parallel"},
+            *({"id": n, "kind": "agent", "agent": n, "prompt": "Go"} for n in names),
+            {"id": "join", "kind": "join", "on_branch_failure": "continue"},
+            {"id": "end", "kind": "agent", "agent": "joiner", "prompt": "Sum up"},
+        ],
+        "edges": [
+            *({"source": "fan", "target": n} for n in names),
+            *({"source": n, "target": "join"} for n in names),
+            {"source": "join", "target": "end"},
+        ],
     }
     workflow = make_workflow(spec, owner=alice)
     # Each call is estimated at <= ~0.03 and costs ~0.01: room for about two at once.
     limit = Decimal("0.06")
-    run = engine.wait_for(engine.start_run(workflow.latest_version(), {}, None,
-                                           budget={"max_cost": str(limit)}), timeout_s=60)
+    run = engine.wait_for(
+        engine.start_run(workflow.latest_version(), {}, None, budget={"max_cost": str(limit)}),
+        timeout_s=60,
+    )
     assert run.usage.exists(), run.error
     biggest_call = max(u.cost for u in run.usage.all())
     assert run.status == Run.BUDGET_EXCEEDED
@@ -97,9 +116,9 @@ def test_parallel_branches_cannot_overrun_the_budget_by_more_than_one_call(celer
     assert run.usage.count() < len(names)
 
 
-
 def test_budget_policy_ask_pauses_for_approval_and_a_raise_lets_the_run_finish(
-        celery_worker, alice, admin_user):
+    celery_worker, alice, admin_user
+):
     from approvals.decisions import decide_approval
     from approvals.models import ApprovalRequest
 
@@ -114,7 +133,8 @@ def test_budget_policy_ask_pauses_for_approval_and_a_raise_lets_the_run_finish(
     run = engine.wait_for(run)
     assert run.status == Run.SUCCEEDED, run.error
     assert Decimal(run.budget["max_cost"]) == Decimal("0.0003") + Decimal(
-        request.payload["raise_by"])
+        request.payload["raise_by"]
+    )
 
 
 def test_budget_policy_ask_rejected_ends_the_run_over_budget(celery_worker, alice, admin_user):

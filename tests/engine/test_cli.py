@@ -25,12 +25,15 @@ def test_run_workflow_waits_prints_steps_and_totals(celery_worker, pipeline, cap
     assert run.cost > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (("cli-pipe", "--input", "{not json"), "--input is not valid JSON"),
-    (("nope", "--input", "{}"), "no workflow with slug 'nope'"),
-    (("cli-pipe", "--input", '{"topic": 3}'), "invalid input: topic: 3 is not of type"),
-    (("cli-pipe", "--input", "[]"), "invalid input: The input must be a JSON object."),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("cli-pipe", "--input", "{not json"), "--input is not valid JSON"),
+        (("nope", "--input", "{}"), "no workflow with slug 'nope'"),
+        (("cli-pipe", "--input", '{"topic": 3}'), "invalid input: topic: 3 is not of type"),
+        (("cli-pipe", "--input", "[]"), "invalid input: The input must be a JSON object."),
+    ],
+)
 def test_run_workflow_refuses_bad_input_with_exit_code_2(pipeline, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         call_command("run_workflow", *args)

@@ -37,8 +37,7 @@ def test_cancel_stops_the_run_before_its_next_call(celery_worker, alice, fake_ll
     time.sleep(2)
     assert fake_llm.request_count == 1, "a call was made after cancel"
     assert not run.steps.filter(node_id="b").exists()
-    assert RunEvent.objects.filter(run=run, kind="run.control",
-                                   payload__action="cancel").exists()
+    assert RunEvent.objects.filter(run=run, kind="run.control", payload__action="cancel").exists()
     with pytest.raises(engine.RunControlError):
         engine.cancel_run(run, alice)
 
@@ -71,15 +70,19 @@ def test_retry_from_the_failed_step_reuses_what_succeeded(celery_worker, alice, 
     assert fake_llm.request_count == 4
 
 
-def test_fork_reuses_earlier_outputs_and_runs_from_the_step_with_edits(celery_worker, alice,
-                                                                       fake_llm):
+def test_fork_reuses_earlier_outputs_and_runs_from_the_step_with_edits(
+    celery_worker, alice, fake_llm
+):
     workflow = slow_pipeline(alice, fake_llm, latency_ms=0)
     source = engine.wait_for(engine.start_run(workflow.latest_version(), {"topic": "x"}, alice))
     calls_before = fake_llm.request_count
     step_b = source.steps.get(node_id="b")
-    fork = engine.fork_run(step_b, alice, input={"topic": "y"},
-                           overrides={"b": {"prompt": "Rethink {topic}", "model":
-                                            "openai/other-model"}})
+    fork = engine.fork_run(
+        step_b,
+        alice,
+        input={"topic": "y"},
+        overrides={"b": {"prompt": "Rethink {topic}", "model": "openai/other-model"}},
+    )
     fork = engine.wait_for(fork)
     assert fork.status == Run.SUCCEEDED, fork.error
     assert fork.parent == source and fork.forked_from_step == step_b
@@ -94,8 +97,7 @@ def test_fork_reuses_earlier_outputs_and_runs_from_the_step_with_edits(celery_wo
 
 def test_global_stop_switch_pauses_every_active_run(celery_worker, alice, fake_llm):
     workflow = slow_pipeline(alice, fake_llm, latency_ms=500)
-    runs = [engine.start_run(workflow.latest_version(), {"topic": str(i)}, alice)
-            for i in range(3)]
+    runs = [engine.start_run(workflow.latest_version(), {"topic": str(i)}, alice) for i in range(3)]
     wait_until(lambda: fake_llm.request_count >= 1)
     assert engine.set_stop_everything(True, alice) == 3
     assert all(Run.objects.get(pk=r.pk).status == Run.PAUSED for r in runs)
@@ -112,8 +114,12 @@ def test_global_stop_switch_pauses_every_active_run(celery_worker, alice, fake_l
 def test_controls_that_do_not_apply_are_refused(celery_worker, alice, fake_llm):
     workflow = slow_pipeline(alice, fake_llm, latency_ms=0)
     run = engine.wait_for(engine.start_run(workflow.latest_version(), {"topic": "x"}, alice))
-    assert not (engine.can_cancel(run) or engine.can_pause(run) or engine.can_resume(run)
-                or engine.can_retry(run))
+    assert not (
+        engine.can_cancel(run)
+        or engine.can_pause(run)
+        or engine.can_resume(run)
+        or engine.can_retry(run)
+    )
     for control in (engine.cancel_run, engine.pause_run, engine.resume_run, engine.retry_run):
         with pytest.raises(engine.RunControlError):
             control(run, alice)

@@ -13,18 +13,35 @@ pytestmark = pytest.mark.integration
 
 
 def test_killed_worker_step_is_redelivered_and_finishes_without_repeats(
-        _session_worker, worker_factory, alice, fake_llm):
+    _session_worker, worker_factory, alice, fake_llm
+):
     _session_worker.stop()  # only the worker we kill may take the step
-    publish = make_tool("publish_report", entrypoint="baton.publish_report", side_effect=True,
-                        args_schema={"type": "object", "properties": {
-                            "title": {"type": "string"}, "body": {"type": "string"}},
-                            "required": ["title", "body"]})
-    make_agent("publisher", model=fake_llm.model(), api_base=fake_llm.base_url,
-               tools=[publish])
-    workflow = make_workflow({
-        "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}}},
-        "nodes": [{"id": "publish", "kind": "agent", "agent": "publisher",
-                   "prompt": "Publish a report on {topic}"}], "edges": []}, owner=alice)
+    publish = make_tool(
+        "publish_report",
+        entrypoint="baton.publish_report",
+        side_effect=True,
+        args_schema={
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "body": {"type": "string"}},
+            "required": ["title", "body"],
+        },
+    )
+    make_agent("publisher", model=fake_llm.model(), api_base=fake_llm.base_url, tools=[publish])
+    workflow = make_workflow(
+        {
+            "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}}},
+            "nodes": [
+                {
+                    "id": "publish",
+                    "kind": "agent",
+                    "agent": "publisher",
+                    "prompt": "Publish a report on {topic}",
+                }
+            ],
+            "edges": [],
+        },
+        owner=alice,
+    )
     doomed = worker_factory("doomed")
     # Call 1 asks for the tool (fast); call 2, the final answer, hangs until we kill the worker.
     fake_llm.fail_next({}, {"hang": 20})

@@ -23,7 +23,7 @@ class Command(BaseCommand):
     def handle(self, slug, input, wait, timeout, **options):
         try:
             data = json.loads(input)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return self._fail(f"--input is not valid JSON: {exc}")
         workflow = Workflow.objects.filter(slug=slug).first()
         if workflow is None:
