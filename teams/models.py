@@ -68,7 +68,8 @@ class Agent(models.Model):
     model = models.CharField(
         max_length=200,
         default="scripted/baton",
-        help_text="A LiteLLM model string: openai/gpt-4o-mini, anthropic/..., ollama/..., scripted/...",
+        help_text="A LiteLLM model string: openai/gpt-4o-mini, anthropic/..., ollama/..., "
+        "scripted/...",
     )
     fallback_models = models.JSONField(
         default=list, blank=True, help_text="Models tried in order when this one keeps failing."
@@ -109,6 +110,9 @@ class OutboxMessage(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.tool} ({self.idempotency_key})"
 
 
 class WorkflowQuerySet(models.QuerySet):

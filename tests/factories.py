@@ -45,7 +45,7 @@ def make_workflow(
 
 def pipeline_spec(*agent_names: str, prompt: str = "Work on {topic}") -> dict:
     nodes = [{"id": name, "kind": "agent", "agent": name, "prompt": prompt} for name in agent_names]
-    edges = [{"source": a, "target": b} for a, b in zip(agent_names, agent_names[1:])]
+    edges = [{"source": a, "target": b} for a, b in zip(agent_names, agent_names[1:], strict=False)]
     return {
         "input_schema": {
             "type": "object",

@@ -301,8 +301,9 @@ def test_run_page_shows_the_cost_breakdown_per_step_and_agent(client, finished_r
     page = login(client, alice).get(f"/runs/{finished_run.pk}/").content.decode()
     breakdown = re.search(r'<section class="card cost-breakdown".*?</section>', page, re.S)
     assert breakdown is not None
-    assert "0.001235" in breakdown.group(0) or "0.0012" in breakdown.group(0)
-    assert ">a<" in breakdown.group(0) or "a#0" in breakdown.group(0) or "\na\n" in breakdown.group(0)
+    assert 'id="run-cost-steps"' in breakdown.group(0)
+    assert 'id="run-cost-agents"' in breakdown.group(0)
+    assert "scripted/baton" in breakdown.group(0)
 
 
 def test_untrusted_names_are_escaped_in_the_graph(client, alice):
