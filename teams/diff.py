@@ -224,13 +224,13 @@ def edge_condition_text(edge: Mapping) -> str:
 
 
 def _nodes_by_id(spec: Mapping) -> dict[str, dict]:
-    nodes = spec.get("nodes") or []
+    nodes = spec.get("nodes") if isinstance(spec.get("nodes"), list) else []
     return {n["id"]: n for n in nodes if isinstance(n, dict) and isinstance(n.get("id"), str)}
 
 
 def _edges_by_key(spec: Mapping) -> dict[tuple[str, str, str], list[dict]]:
     edges: dict[tuple[str, str, str], list[dict]] = {}
-    for edge in spec.get("edges") or []:
+    for edge in spec.get("edges") if isinstance(spec.get("edges"), list) else []:
         if isinstance(edge, dict):
             key = (str(edge.get("source")), str(edge.get("target")), str(edge.get("on", "success")))
             edges.setdefault(key, []).append(edge)

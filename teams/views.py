@@ -11,6 +11,7 @@ published version: publishing and rollback create new ones.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
@@ -119,7 +120,7 @@ def _list(value: Any) -> list:
 def _json_body(request: HttpRequest) -> dict:
     try:
         body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationError("The body is not JSON.") from exc
     if not isinstance(body, dict):
         raise ValidationError("The body must be a JSON object.")
@@ -130,7 +131,7 @@ def _posted_json(request: HttpRequest, name: str) -> dict:
     """A JSON object the editor posts in a form field (the node, edge or spec it shows)."""
     try:
         value = json.loads(request.POST.get(name) or "{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise ValidationError(f"`{name}` must be a JSON object.")
@@ -141,13 +142,19 @@ def _clean_layout(layout: Any, spec: dict) -> dict:
     """Keep {node_id: {x, y}} for the spec's nodes only, so deleted nodes leave nothing behind."""
     if not isinstance(layout, dict):
         raise ValidationError("`layout` must be an object of {node_id: {x, y}}.")
-    ids = {n.get("id") for n in _list(spec.get("nodes")) if isinstance(n, dict)}
+    ids = {
+        n.get("id")
+        for n in _list(spec.get("nodes"))
+        if isinstance(n, dict) and isinstance(n.get("id"), str)
+    }
     clean = {}
     for node_id, pos in layout.items():
         if node_id not in ids:
             continue
         if not isinstance(pos, dict) or not all(
-            isinstance(pos.get(axis), (int, float)) and not isinstance(pos.get(axis), bool)
+            isinstance(pos.get(axis), (int, float))
+            and not isinstance(pos.get(axis), bool)
+            and math.isfinite(pos.get(axis))
             for axis in ("x", "y")
         ):
             raise ValidationError(f"layout of {node_id!r} must be {{x: number, y: number}}.")

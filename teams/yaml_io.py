@@ -185,9 +185,10 @@ def export_data(workflow: Workflow) -> dict:
         .prefetch_related("tools")
         .order_by("name")
     )
+    nodes = spec.get("nodes") if isinstance(spec.get("nodes"), list) else []
     tool_names = {
         node["tool"]
-        for node in spec.get("nodes", [])
+        for node in nodes
         if isinstance(node, dict)
         and node.get("kind") == "tool"
         and isinstance(node.get("tool"), str)
