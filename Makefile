@@ -12,7 +12,7 @@ USER_BIN := $(shell python3 -c 'import site; print(site.USER_BASE)' 2>/dev/null)
 export PATH := $(USER_BIN):$(HOME)/.local/bin:$(PATH)
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: run test lint sync uv
+.PHONY: run test lint sync uv chaos
 
 # Debian's python refuses a plain `--user` install (PEP 668, hence the second try); inside a
 # virtualenv `--user` is refused but installing into it is right (the third).
@@ -44,3 +44,8 @@ test: sync
 lint: sync
 	uv run ruff check .
 	uv run ruff format --check .
+
+# Fault run of docs/reliability.md: PostgreSQL when DATABASE_URL is set (creates and drops its own
+# baton_chaos_<id> database there), else a SQLite file; always its own redis-server.
+chaos: sync
+	uv run python -m bench.chaos $(CHAOS_ARGS)

@@ -18,7 +18,7 @@ from decimal import Decimal
 import jsonschema
 import referencing.exceptions
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -204,13 +204,42 @@ class StepContext:
                 on_text=self._streamer() if stream else None,
             )
         except BaseException:
-            Run.objects.filter(pk=self.run.pk).update(
-                reserved_cost=F("reserved_cost") - estimate_cost,
-                reserved_tokens=F("reserved_tokens") - estimate_tokens,
-            )
+            self._release(estimate_cost, estimate_tokens)
             raise
-        self._record_call(agent, index, result, estimate_cost, estimate_tokens)
+        try:
+            self._record_call(agent, index, result, estimate_cost, estimate_tokens)
+        except IntegrityError:
+            # Another attempt of this step recorded this call first (it took the step over
+            # while this one was still running): go on with its answer, so both agree.
+            self._release(estimate_cost, estimate_tokens)
+            recorded = UsageRecord.objects.get(
+                step=self.step, epoch=self.step.epoch, call_index=index
+            )
+            return LLMReply(
+                recorded.response.get("text", ""),
+                recorded.response.get("tool_calls", []),
+                recorded.model,
+                True,
+            )
+        except BaseException:
+            self._release(estimate_cost, estimate_tokens)
+            raise
         return LLMReply(result.text, result.tool_calls, result.model, False)
+
+    def _release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
+        """Give back a call's budget reservation. The connection may have died under the call:
+        then try once more on a new one; if the database is away, the estimate stays held."""
+        for _ in range(2):
+            try:
+                Run.objects.filter(pk=self.run.pk).update(
+                    reserved_cost=F("reserved_cost") - estimate_cost,
+                    reserved_tokens=F("reserved_tokens") - estimate_tokens,
+                )
+                return
+            except (OperationalError, InterfaceError):
+                if connection.in_atomic_block:
+                    return
+                connection.close()
 
     def current_model(self, agent: Agent) -> str:
         override = (self.run.overrides.get(self.node["id"]) or {}).get("model")
@@ -445,6 +474,11 @@ class StepContext:
                     tool_registry.ToolContext(self.run.pk, self.step.pk, call.idempotency_key),
                 )
                 result = storable(json.loads(json.dumps(result)))
+            except (OperationalError, InterfaceError):
+                # Baton's database failed, not the tool: the call stays proposed and the step
+                # is retried (engine._after_database_error); its idempotency key keeps the side
+                # effect to one.
+                raise
             except Exception as exc:  # a tool's failure is data for the agent, not a crash
                 result = None
                 error = storable(f"{type(exc).__name__}: {exc}")[:2000]

@@ -25,7 +25,13 @@ import jsonschema
 import referencing.exceptions
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import close_old_connections, connection, transaction
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    transaction,
+)
 from django.db.models import F, Max, Q
 from django.utils import timezone
 
@@ -48,6 +54,8 @@ from teams.spec import entry_node, node_map
 log = logging.getLogger(__name__)
 
 STOP_EVERYTHING = "stop_everything"
+# A step claimed this many times (its worker died, its database connection dropped) fails.
+MAX_CLAIMS = 10
 
 
 class RunInputError(ValidationError):
@@ -190,6 +198,8 @@ def execute_step(step_id: int) -> None:
         _save_outcome(ctx, Step.CANCELLED, error="run cancelled")
     except LeaseLost:
         log.info("step %s: lease lost, dropping this attempt", step_id)
+    except (OperationalError, InterfaceError) as exc:
+        _after_database_error(ctx, exc)
     except ApprovalRejected as rejected:
         _after_rejection(ctx, rejected.reason)
     except BudgetExceeded as breach:
@@ -206,6 +216,47 @@ def execute_step(step_id: int) -> None:
         _after_failure(ctx, "permanent", f"{type(exc).__name__}: {exc}")
     else:
         _after_success(ctx, text, output)
+
+
+def _after_database_error(ctx: StepContext, exc: Exception) -> None:
+    """The database failed under the step (a dropped connection, a failover, a cancelled
+    statement). Each write of a step is atomic, so nothing is half-written: run the step again
+    after a short pause. This does not use up the agent's LLM retries; a step claimed
+    MAX_CLAIMS times fails, as one whose worker keeps dying does. If the database is still
+    away, this write fails too: then the step's lease runs out and the sweeper rings again."""
+    log.warning("step %s: database error, retrying: %s", ctx.step.pk, exc)
+    connection.close()  # never reuse a broken connection; the next query opens a new one
+    step = ctx.step
+    message = f"database error: {exc}"[:2000]
+    try:
+        if step.attempt >= MAX_CLAIMS:
+            _after_failure(ctx, "transient", f"gave up after {step.attempt} attempts: {message}")
+            return
+        delay = settings.BATON_RETRY_BACKOFF_S * (0.5 + random.random())
+        attempt = {
+            "attempt": step.attempt,
+            "error_kind": "transient",
+            "error": message,
+            "at": timezone.now().isoformat(),
+        }
+        with transaction.atomic():
+            if not _mine(ctx).update(
+                status=Step.PENDING,
+                attempts=[*step.attempts, attempt],
+                lease_until=None,
+                not_before=timezone.now() + timedelta(seconds=delay),
+            ):
+                return
+            events.append_event(
+                ctx.run.pk,
+                "step.retrying",
+                _step_payload(
+                    step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)
+                ),
+            )
+            _enqueue(step.pk, countdown=delay)
+    except (OperationalError, InterfaceError):
+        log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
 
 def _claim(step_id: int) -> Step | None:
@@ -279,11 +330,15 @@ class _Heartbeat:
         lease = settings.BATON_STEP_LEASE_S
         try:
             while not self._stop.wait(lease / 3):
-                Step.objects.filter(
-                    pk=self.step_id, status=Step.RUNNING, attempt=self.attempt
-                ).update(lease_until=timezone.now() + timedelta(seconds=lease))
-        except Exception:
-            log.warning("heartbeat of step %s failed", self.step_id, exc_info=True)
+                try:
+                    Step.objects.filter(
+                        pk=self.step_id, status=Step.RUNNING, attempt=self.attempt
+                    ).update(lease_until=timezone.now() + timedelta(seconds=lease))
+                except (OperationalError, InterfaceError):
+                    # A dropped connection must not end the heartbeat (the lease would run
+                    # out under a live step): the next beat opens a new one.
+                    log.warning("heartbeat of step %s failed", self.step_id, exc_info=True)
+                    connection.close()
         finally:
             connection.close()
 
@@ -1014,7 +1069,7 @@ def sweep_stuck_steps() -> dict:
     for step in Step.objects.filter(status=Step.RUNNING, lease_until__lt=now).select_related("run")[
         :500
     ]:
-        if step.attempt >= 10:
+        if step.attempt >= MAX_CLAIMS:
             with transaction.atomic():
                 if Step.objects.filter(pk=step.pk, status=Step.RUNNING, lease_until__lt=now).update(
                     status=Step.FAILED,

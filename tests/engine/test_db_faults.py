@@ -1,0 +1,81 @@
+"""Database trouble under a running step (see docs/reliability.md, what `make chaos` found):
+an attempt that lost its lease, or a statement the database cancelled, never fails the run."""
+
+import time
+from datetime import timedelta
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from runs import engine
+from runs.models import Run, Step
+from runs.tasks import execute_step_task
+from tests.factories import make_agent, make_workflow, pipeline_spec
+
+pytestmark = pytest.mark.integration
+
+
+def wait_until(predicate, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_attempt_that_records_a_call_second_goes_on_with_the_recorded_answer(
+    celery_worker, alice, fake_llm
+):
+    """Attempt 1's lease runs out while its LLM call is in flight; attempt 2 takes over and
+    makes the same call; attempt 1 records it first. Attempt 2's insert of the same call index
+    must not fail the run."""
+    make_agent("writer", model=fake_llm.model(), api_base=fake_llm.base_url)
+    workflow = make_workflow(pipeline_spec("writer"), owner=alice)
+    fake_llm.fail_next({"hang": 2}, {"hang": 4})
+    run = engine.start_run(workflow.latest_version(), {"topic": "overlap"}, alice)
+    wait_until(lambda: fake_llm.request_count == 1)
+    step = run.steps.get()
+    Step.objects.filter(pk=step.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    execute_step_task.delay(step.pk)  # a redelivered doorbell
+    run = engine.wait_for(run, timeout_s=30)
+    assert run.status == Run.SUCCEEDED, run.error
+
+
+@pytest.mark.skipif(
+    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"), reason="needs PostgreSQL"
+)
+def test_a_cancelled_statement_is_retried_not_a_permanent_failure(celery_worker, alice, fake_llm):
+    make_agent("writer", model=fake_llm.model(), api_base=fake_llm.base_url)
+    workflow = make_workflow(pipeline_spec("writer"), owner=alice)
+    fake_llm.fail_next({"hang": 2})
+    run = engine.start_run(workflow.latest_version(), {"topic": "cancel"}, alice)
+    wait_until(lambda: fake_llm.request_count == 1)
+    # Lock the run row, so the step's recording of its LLM call waits on it, then cancel that
+    # statement as a statement_timeout would.
+    params = connection.get_connection_params()
+    with (
+        psycopg.connect(
+            **{k: v for k, v in params.items() if k != "cursor_factory"}, autocommit=False
+        ) as locker,
+        psycopg.connect(
+            **{k: v for k, v in params.items() if k != "cursor_factory"}, autocommit=True
+        ) as admin,
+    ):
+        locker.execute("SELECT 1 FROM runs_run WHERE id = %s FOR UPDATE", (run.pk,))
+        waiting = []
+
+        def blocked():
+            waiting[:] = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            ).fetchall()
+            return bool(waiting)
+
+        wait_until(blocked, timeout_s=20)
+        for (pid,) in waiting:
+            admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        locker.rollback()
+    run = engine.wait_for(run, timeout_s=60)
+    assert run.status == Run.SUCCEEDED, run.error
