@@ -13,8 +13,7 @@ class ApprovalQuerySet(models.QuerySet):
         if user.is_staff:
             return self.all()
         return self.filter(
-            Q(run__workflow__owner=user) | Q(run__workflow__members=user)
-            | Q(run__started_by=user)
+            Q(run__workflow__owner=user) | Q(run__workflow__members=user) | Q(run__started_by=user)
         ).distinct()
 
     def pending(self) -> "ApprovalQuerySet":
@@ -29,11 +28,18 @@ class ApprovalRequest(models.Model):
         ("budget", "Budget"),
     ]
     PENDING, APPROVED, REJECTED, EXPIRED, CANCELLED = (
-        "pending", "approved", "rejected", "expired", "cancelled",
+        "pending",
+        "approved",
+        "rejected",
+        "expired",
+        "cancelled",
     )
     STATUSES = [
-        (PENDING, "Pending"), (APPROVED, "Approved"), (REJECTED, "Rejected"),
-        (EXPIRED, "Expired"), (CANCELLED, "Cancelled"),
+        (PENDING, "Pending"),
+        (APPROVED, "Approved"),
+        (REJECTED, "Rejected"),
+        (EXPIRED, "Expired"),
+        (CANCELLED, "Cancelled"),
     ]
     OUTCOMES = [("approve", "Approve"), ("reject", "Reject")]
 
@@ -52,7 +58,10 @@ class ApprovalRequest(models.Model):
     context = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=12, choices=STATUSES, default=PENDING, db_index=True)
     decided_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     decided_by_system = models.BooleanField(default=False)

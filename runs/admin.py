@@ -396,7 +396,14 @@ class UsageDailyAdmin(ViewOnlyAdmin):
     `manage.py rebuild_usage_rollup`, never edited."""
 
     list_display = (
-        "day", "model", "workflow", "agent", "user", "call_count", "total_tokens", "cost",
+        "day",
+        "model",
+        "workflow",
+        "agent",
+        "user",
+        "call_count",
+        "total_tokens",
+        "cost",
     )
     list_filter = ("model", "workflow")
     list_select_related = ("workflow", "agent", "user")

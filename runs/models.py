@@ -32,12 +32,20 @@ class RunQuerySet(models.QuerySet):
 class Run(models.Model):
     QUEUED, RUNNING, WAITING_APPROVAL, PAUSED = "queued", "running", "waiting_approval", "paused"
     SUCCEEDED, FAILED, CANCELLED, BUDGET_EXCEEDED = (
-        "succeeded", "failed", "cancelled", "budget_exceeded",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "budget_exceeded",
     )
     STATUSES = [
-        (QUEUED, "Queued"), (RUNNING, "Running"), (WAITING_APPROVAL, "Waiting for approval"),
-        (PAUSED, "Paused"), (SUCCEEDED, "Succeeded"), (FAILED, "Failed"),
-        (CANCELLED, "Cancelled"), (BUDGET_EXCEEDED, "Budget exceeded"),
+        (QUEUED, "Queued"),
+        (RUNNING, "Running"),
+        (WAITING_APPROVAL, "Waiting for approval"),
+        (PAUSED, "Paused"),
+        (SUCCEEDED, "Succeeded"),
+        (FAILED, "Failed"),
+        (CANCELLED, "Cancelled"),
+        (BUDGET_EXCEEDED, "Budget exceeded"),
     ]
     ACTIVE = (QUEUED, RUNNING, WAITING_APPROVAL, PAUSED)
     TERMINAL = (SUCCEEDED, FAILED, CANCELLED, BUDGET_EXCEEDED)
@@ -51,14 +59,21 @@ class Run(models.Model):
     result = models.JSONField(null=True, blank=True)
     status = models.CharField(max_length=20, choices=STATUSES, default=QUEUED, db_index=True)
     started_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="runs",
     )
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
     )
     parent_step = models.ForeignKey(
-        "Step", null=True, blank=True, on_delete=models.SET_NULL, related_name="child_runs",
+        "Step",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="child_runs",
         help_text="The subworkflow step of the parent run that started this run.",
     )
     forked_from_step = models.ForeignKey(
@@ -124,8 +139,12 @@ class Step(models.Model):
     PENDING, RUNNING, WAITING, SUCCEEDED = "pending", "running", "waiting", "succeeded"
     FAILED, SKIPPED, CANCELLED = "failed", "skipped", "cancelled"
     STATUSES = [
-        (PENDING, "Pending"), (RUNNING, "Running"), (WAITING, "Waiting"),
-        (SUCCEEDED, "Succeeded"), (FAILED, "Failed"), (SKIPPED, "Skipped"),
+        (PENDING, "Pending"),
+        (RUNNING, "Running"),
+        (WAITING, "Waiting"),
+        (SUCCEEDED, "Succeeded"),
+        (FAILED, "Failed"),
+        (SKIPPED, "Skipped"),
         (CANCELLED, "Cancelled"),
     ]
     DONE = (SUCCEEDED, FAILED, SKIPPED, CANCELLED)
@@ -160,7 +179,11 @@ class Step(models.Model):
     error_kind = models.CharField(max_length=10, choices=ERROR_KINDS, blank=True)
     error = models.TextField(blank=True)
     reused_from = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
         help_text="A fork copies the steps before its fork point instead of running them again.",
     )
     lease_until = models.DateTimeField(null=True, blank=True)
@@ -187,12 +210,18 @@ class ToolCall(models.Model):
     redelivered step finds the call it already made instead of making it again."""
 
     PROPOSED, AWAITING_APPROVAL, APPROVED, REJECTED = (
-        "proposed", "awaiting_approval", "approved", "rejected",
+        "proposed",
+        "awaiting_approval",
+        "approved",
+        "rejected",
     )
     SUCCEEDED, FAILED = "succeeded", "failed"
     STATUSES = [
-        (PROPOSED, "Proposed"), (AWAITING_APPROVAL, "Awaiting approval"),
-        (APPROVED, "Approved"), (REJECTED, "Rejected"), (SUCCEEDED, "Succeeded"),
+        (PROPOSED, "Proposed"),
+        (AWAITING_APPROVAL, "Awaiting approval"),
+        (APPROVED, "Approved"),
+        (REJECTED, "Rejected"),
+        (SUCCEEDED, "Succeeded"),
         (FAILED, "Failed"),
     ]
 
@@ -310,7 +339,10 @@ class UsageDaily(models.Model):
 
     day = models.DateField()
     workflow = models.ForeignKey(
-        "teams.Workflow", null=True, on_delete=models.DO_NOTHING, related_name="+",
+        "teams.Workflow",
+        null=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
         db_index=False,
     )
     agent = models.ForeignKey(
@@ -318,7 +350,10 @@ class UsageDaily(models.Model):
     )
     model = models.CharField(max_length=200)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, related_name="+",
+        settings.AUTH_USER_MODEL,
+        null=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
         db_index=False,
     )
     cost = models.DecimalField(max_digits=18, decimal_places=8, default=ZERO)
@@ -332,8 +367,12 @@ class UsageDaily(models.Model):
         verbose_name_plural = "daily usage"
         constraints = [
             models.UniqueConstraint(
-                F("day"), Coalesce("workflow", 0), Coalesce("agent", 0), F("model"),
-                Coalesce("user", 0), name="usage_daily_key",
+                F("day"),
+                Coalesce("workflow", 0),
+                Coalesce("agent", 0),
+                F("model"),
+                Coalesce("user", 0),
+                name="usage_daily_key",
             )
         ]
         # The unique key, led by `day`, serves the unfiltered range; these serve a filter or the
@@ -426,7 +465,10 @@ class Switch(models.Model):
     name = models.CharField(max_length=60, unique=True)
     on = models.BooleanField(default=False)
     changed_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     changed_at = models.DateTimeField(auto_now=True)

@@ -18,6 +18,7 @@ urlpatterns = [
     path("<int:pk>/steps/<int:step_pk>/fork/", views.step_fork, name="fork"),
     # The workflow editor's run panel.
     path("editor/<slug:slug>/", views.editor_run, name="editor_run"),
-    path("editor/<slug:slug>/status/<int:run_id>/", views.editor_run_status,
-         name="editor_run_status"),
+    path(
+        "editor/<slug:slug>/status/<int:run_id>/", views.editor_run_status, name="editor_run_status"
+    ),
 ]

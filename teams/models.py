@@ -133,11 +133,16 @@ class Workflow(models.Model):
     slug = models.SlugField(max_length=120, unique=True)
     description = models.TextField(blank=True)
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="owned_workflows",
     )
     members = models.ManyToManyField(
-        settings.AUTH_USER_MODEL, blank=True, related_name="workflows",
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="workflows",
         help_text="Users who may see, run and edit this workflow besides its owner.",
     )
     draft = models.JSONField(default=dict, blank=True)
@@ -153,7 +158,11 @@ class Workflow(models.Model):
     monthly_cost_cap = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     budget_policy = models.CharField(max_length=8, choices=BUDGET_POLICIES, default="stop")
     approver_group = models.ForeignKey(
-        "auth.Group", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
         help_text="Only members of this group (and superusers) decide this workflow's approvals.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
@@ -186,8 +195,9 @@ class Workflow(models.Model):
     def latest_version(self) -> "WorkflowVersion | None":
         return self.versions.order_by("-number").first()
 
-    def publish(self, user=None, note: str = "", spec: dict | None = None,
-                layout: dict | None = None) -> "WorkflowVersion":
+    def publish(
+        self, user=None, note: str = "", spec: dict | None = None, layout: dict | None = None
+    ) -> "WorkflowVersion":
         """Freeze the draft (or the given spec) as the next immutable version.
 
         Raises ValidationError with every problem when the spec is invalid.
@@ -221,7 +231,10 @@ class WorkflowVersion(models.Model):
     schema_version = models.PositiveSmallIntegerField(default=SCHEMA_VERSION)
     note = models.CharField(max_length=500, blank=True)
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     created_at = models.DateTimeField(auto_now_add=True)

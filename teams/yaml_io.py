@@ -220,8 +220,7 @@ def export_data(workflow: Workflow) -> dict:
 
     tools_data = []
     for tool in tools.order_by("name"):
-        item = {"name": tool.name, **{name: _ordered(getattr(tool, name))
-                                      for name in TOOL_FIELDS}}
+        item = {"name": tool.name, **{name: _ordered(getattr(tool, name)) for name in TOOL_FIELDS}}
         if tool.approver_group_id:
             item["approver_group"] = tool.approver_group.name
         tools_data.append(item)

@@ -26,7 +26,14 @@ from teams.models import OutboxMessage, Tool, Workflow, WorkflowVersion
 pytestmark = pytest.mark.django_db
 
 READ_ONLY = {
-    WorkflowVersion, RunEvent, UsageRecord, UsageDaily, OutboxMessage, Run, Step, ToolCall,
+    WorkflowVersion,
+    RunEvent,
+    UsageRecord,
+    UsageDaily,
+    OutboxMessage,
+    Run,
+    Step,
+    ToolCall,
 }
 
 

@@ -294,10 +294,18 @@ def test_run_page_shows_the_cost_breakdown_per_step_and_agent(client, finished_r
     from runs.models import UsageRecord
 
     step = finished_run.steps.get(node_id="a")
-    UsageRecord.objects.create(run=finished_run, step=step, workflow=finished_run.workflow,
-                               agent=step.agent, model="scripted/baton", prompt_tokens=40,
-                               completion_tokens=20, total_tokens=60,
-                               cost=Decimal("0.00123456"), at=timezone.now())
+    UsageRecord.objects.create(
+        run=finished_run,
+        step=step,
+        workflow=finished_run.workflow,
+        agent=step.agent,
+        model="scripted/baton",
+        prompt_tokens=40,
+        completion_tokens=20,
+        total_tokens=60,
+        cost=Decimal("0.00123456"),
+        at=timezone.now(),
+    )
     page = login(client, alice).get(f"/runs/{finished_run.pk}/").content.decode()
     breakdown = re.search(r'<section class="card cost-breakdown".*?</section>', page, re.S)
     assert breakdown is not None

@@ -7,8 +7,9 @@ def throttle(settings):
 
 
 def _login(client, username, password, address="10.1.1.1"):
-    return client.post("/accounts/login/", {"username": username, "password": password},
-                       REMOTE_ADDR=address)
+    return client.post(
+        "/accounts/login/", {"username": username, "password": password}, REMOTE_ADDR=address
+    )
 
 
 def test_repeated_failed_logins_are_refused_with_429(client, alice, throttle):
