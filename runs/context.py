@@ -363,14 +363,7 @@ class StepContext:
                 latency_ms=result.latency_ms,
                 at=now,
             )
-            Step.objects.filter(pk=self.step.pk).update(
-                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
-                completion_tokens=F("completion_tokens") + result.completion_tokens,
-                total_tokens=F("total_tokens") + result.total_tokens,
-                cost=F("cost") + cost,
-                latency_ms=F("latency_ms") + result.latency_ms,
-                model=result.model[:200],
-            )
+            # The run's row before the step's: the lock order of every engine transaction.
             Run.objects.filter(pk=self.run.pk).update(
                 prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
                 completion_tokens=F("completion_tokens") + result.completion_tokens,
@@ -378,6 +371,14 @@ class StepContext:
                 cost=F("cost") + cost,
                 reserved_cost=F("reserved_cost") - estimate_cost,
                 reserved_tokens=F("reserved_tokens") - estimate_tokens,
+            )
+            Step.objects.filter(pk=self.step.pk).update(
+                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
+                completion_tokens=F("completion_tokens") + result.completion_tokens,
+                total_tokens=F("total_tokens") + result.total_tokens,
+                cost=F("cost") + cost,
+                latency_ms=F("latency_ms") + result.latency_ms,
+                model=result.model[:200],
             )
             totals = Run.objects.values("total_tokens", "cost").get(pk=self.run.pk)
             events.append_events(
@@ -529,6 +530,8 @@ class StepContext:
     def ask_human(self, kind: str, title: str, payload: dict) -> None:
         """Open one approval request for this step (a replay finds it already open)."""
         with transaction.atomic():
+            # The run's row first, as every transaction that writes a run and its steps does.
+            Run.objects.select_for_update(no_key=True).get(pk=self.run.pk)
             locked = Step.objects.select_for_update().get(pk=self.step.pk)
             if locked.input.get("approval_open"):
                 return

@@ -240,6 +240,7 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
             "at": timezone.now().isoformat(),
         }
         with transaction.atomic():
+            _lock_run(ctx.run.pk)
             if not _mine(ctx).update(
                 status=Step.PENDING,
                 attempts=[*step.attempts, attempt],
@@ -280,18 +281,19 @@ def _claim(step_id: int) -> Step | None:
         return None
     claimable = Q(status=Step.PENDING) | Q(status=Step.RUNNING, lease_until__lt=now)
     lease = now + timedelta(seconds=settings.BATON_STEP_LEASE_S)
+    # The attempt we read is part of the swap: if anyone claimed it since, we lose. On its
+    # own (autocommit), so the step row is never held while the run row is awaited.
+    claimed = Step.objects.filter(claimable, pk=step_id, attempt=step.attempt).update(
+        status=Step.RUNNING,
+        attempt=step.attempt + 1,
+        lease_until=lease,
+        started_at=step.started_at or now,
+    )
+    if not claimed:
+        return None
+    step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
+    step.started_at = step.started_at or now
     with transaction.atomic():
-        # The attempt we read is part of the swap: if anyone claimed it since, we lose.
-        claimed = Step.objects.filter(claimable, pk=step_id, attempt=step.attempt).update(
-            status=Step.RUNNING,
-            attempt=step.attempt + 1,
-            lease_until=lease,
-            started_at=step.started_at or now,
-        )
-        if not claimed:
-            return None
-        step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
-        step.started_at = step.started_at or now
         started = []
         if run.status == Run.QUEUED and Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
             status=Run.RUNNING, started_at=now
@@ -341,6 +343,12 @@ class _Heartbeat:
                     connection.close()
         finally:
             connection.close()
+
+
+def _lock_run(run_id: int) -> Run:
+    """Lock the run row. Every transaction that writes a run and its steps locks the run
+    first, so two of them can never wait on each other (PostgreSQL would kill one)."""
+    return Run.objects.select_for_update(no_key=True).get(pk=run_id)
 
 
 def _mine(ctx: StepContext):
@@ -404,11 +412,11 @@ def _save_outcome(
 
 def _save_waiting(ctx: StepContext, reason: str) -> None:
     with transaction.atomic():
+        run = _lock_run(ctx.run.pk)
         if not _mine(ctx).update(status=Step.WAITING, lease_until=None, **_step_fields(ctx)):
             return
         ctx.step.status = Step.WAITING
         events.append_event(ctx.run.pk, "step.waiting", _step_payload(ctx.step, reason=reason))
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         if run.status in Run.ACTIVE:
             blocked = "sub-workflow" if ctx.step.kind == "subworkflow" else "approval"
             _set_status(
@@ -420,9 +428,9 @@ def _save_waiting(ctx: StepContext, reason: str) -> None:
 
 def _after_success(ctx: StepContext, text: str, output) -> None:
     with transaction.atomic():
+        run = _lock_run(ctx.run.pk)
         if not _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
             return
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         key = ctx.node.get("output_key") or ctx.node["id"]
         if ctx.node["kind"] != "parallel":
             run.state = {**run.state, key: output}
@@ -464,6 +472,7 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
     delay = settings.BATON_RETRY_BACKOFF_S * (2 ** max(on_this_model - 1, 0))
     delay = delay * (0.5 + random.random())  # jitter: don't retry in lockstep
     with transaction.atomic():
+        _lock_run(ctx.run.pk)
         if not _mine(ctx).update(
             status=Step.PENDING,
             attempts=attempts,
@@ -519,15 +528,16 @@ def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
             _save_waiting(ctx, message)
             return
     with transaction.atomic():
+        run = _lock_run(ctx.run.pk)
         Step.objects.filter(pk=ctx.step.pk).update(attempts=attempts)
         if not _save_outcome(ctx, Step.FAILED, error_kind=kind, error=message):
             return
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         _advance(run, ctx.spec, ctx.step, outcome="failure", error=message)
 
 
 def _after_rejection(ctx: StepContext, reason: str) -> None:
     with transaction.atomic():
+        run = _lock_run(ctx.run.pk)
         if not _save_outcome(
             ctx,
             Step.SUCCEEDED,
@@ -535,7 +545,6 @@ def _after_rejection(ctx: StepContext, reason: str) -> None:
             output={"approved": False, "reason": reason},
         ):
             return
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         _advance(run, ctx.spec, ctx.step, outcome="rejected", error=reason)
 
 
@@ -564,9 +573,9 @@ def _after_budget_breach(ctx: StepContext, breach: BudgetExceeded) -> None:
             _save_waiting(ctx, breach.message)
             return
     with transaction.atomic():
+        run = _lock_run(ctx.run.pk)
         if not _save_outcome(ctx, Step.FAILED, error_kind="permanent", error=breach.message):
             return
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
         _finish_run(run, Run.BUDGET_EXCEEDED, breach.message)
 
 
@@ -815,8 +824,8 @@ def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
 def apply_decision(request, *, approved: bool, payload: dict | None, comment: str) -> None:
     """Resume a run after a human (or the deadline) decided an approval request. Called once,
     inside the approvals app's decision transaction."""
+    run = _lock_run(request.run_id)
     step = Step.objects.select_for_update().get(pk=request.step_id)
-    run = Run.objects.select_for_update().get(pk=step.run_id)
     if run.status in Run.TERMINAL or step.status != Step.WAITING:
         return
     data = {**step.input, "approval_open": False}
@@ -907,7 +916,7 @@ def _audit(run: Run, action: str, user) -> None:
 
 def cancel_run(run: Run, user) -> None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
+        run = _lock_run(run.pk)
         if not can_cancel(run):
             raise RunControlError(f"A {run.get_status_display().lower()} run cannot be cancelled.")
         Run.objects.filter(pk=run.pk).update(cancel_requested=True)
@@ -917,7 +926,7 @@ def cancel_run(run: Run, user) -> None:
 
 def pause_run(run: Run, user) -> None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
+        run = _lock_run(run.pk)
         if not can_pause(run):
             raise RunControlError(f"A {run.get_status_display().lower()} run cannot be paused.")
         _audit(run, "pause", user)
@@ -926,7 +935,7 @@ def pause_run(run: Run, user) -> None:
 
 def resume_run(run: Run, user) -> None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
+        run = _lock_run(run.pk)
         if not can_resume(run):
             raise RunControlError("Only a paused run can be resumed.")
         if stop_everything_on():
@@ -942,7 +951,7 @@ def resume_run(run: Run, user) -> None:
 def retry_run(run: Run, user) -> None:
     """Run the failed (and cancelled) steps again, with fresh LLM calls, and carry on."""
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
+        run = _lock_run(run.pk)
         if not can_retry(run):
             raise RunControlError("Only a failed, cancelled or over-budget run can be retried.")
         _audit(run, "retry", user)
@@ -1042,7 +1051,7 @@ def set_stop_everything(on: bool, user) -> int:
             defaults={"on": on, "changed_by": user if getattr(user, "pk", None) else None},
         )
         if on:
-            for run in Run.objects.select_for_update().filter(
+            for run in Run.objects.select_for_update(no_key=True).filter(
                 status__in=(Run.QUEUED, Run.RUNNING, Run.WAITING_APPROVAL)
             ):
                 _audit(run, "stop everything", user)
@@ -1071,13 +1080,13 @@ def sweep_stuck_steps() -> dict:
     ]:
         if step.attempt >= MAX_CLAIMS:
             with transaction.atomic():
+                run = _lock_run(step.run_id)
                 if Step.objects.filter(pk=step.pk, status=Step.RUNNING, lease_until__lt=now).update(
                     status=Step.FAILED,
                     error_kind="transient",
                     error=f"worker lost {step.attempt} times",
                     finished_at=now,
                 ):
-                    run = Run.objects.select_for_update().get(pk=step.run_id)
                     _finish_run(
                         run, Run.FAILED, f"{step.node_id}: worker lost {step.attempt} times"
                     )
@@ -1102,7 +1111,7 @@ def sweep_stuck_steps() -> dict:
         wall = (run.budget or {}).get("max_wall_s")
         if wall and (now - run.started_at).total_seconds() > wall:
             with transaction.atomic():
-                locked = Run.objects.select_for_update().get(pk=run.pk)
+                locked = _lock_run(run.pk)
                 _finish_run(locked, Run.BUDGET_EXCEEDED, f"run wall-clock limit of {wall}s reached")
                 over_time += 1
     return {"requeued": requeued, "failed": failed, "timed_out": timed_out, "over_time": over_time}
@@ -1130,7 +1139,7 @@ def _time_out_branches(now) -> int:
         if (now - fan_out.finished_at).total_seconds() <= timeout:
             continue
         with transaction.atomic():
-            run = Run.objects.select_for_update().get(pk=join_step.run_id)
+            run = _lock_run(join_step.run_id)
             locked = Step.objects.select_for_update().get(pk=join_step.pk)
             if locked.status != Step.WAITING:
                 continue
