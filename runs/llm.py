@@ -304,13 +304,34 @@ def _parse_message(response) -> tuple[str, list[dict], str]:
     return message.content or "", tool_calls, choice.finish_reason or ""
 
 
+def _not_json(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def loads_model_json(text: str):
+    """json.loads for what a model wrote: NaN, Infinity and numbers too large for a float are
+    refused (Python reads them, no database's JSON column stores them), and so is nesting past
+    the recursion limit. Every refusal is a ValueError, like any other bad JSON."""
+
+    def finite(number: str) -> float:
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            _not_json(number)
+        return value
+
+    try:
+        return json.loads(text, parse_constant=_not_json, parse_float=finite)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _parse_arguments(name: str, raw) -> dict:
     if isinstance(raw, dict):
         return raw
     if raw is None or str(raw).strip() == "":
         return {}
     try:
-        value = json.loads(raw)
+        value = loads_model_json(raw)
     except ValueError:
         # Garbled output; the same request usually comes back well-formed.
         raise LLMError(
@@ -413,8 +434,24 @@ def _error_from(exc: Exception) -> LLMError:
     return LLMError(message or kind, transient=True, status_code=None, kind=kind)
 
 
+# Providers sometimes quote the key they refused, or the URL (with its credentials) they could
+# not reach; the message becomes the step's error, shown on the run page and in its events.
+_KEY_LIKE = re.compile(r"(?<![A-Za-z0-9])(?:sk|rk|pk)-[A-Za-z0-9_\-]{8,}")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` without the secrets of this process's environment, key-like tokens or the
+    credentials of URLs."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and name.endswith(("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")):
+            text = text.replace(value, "[redacted]")
+    text = _URL_CREDENTIALS.sub("[redacted]@", text)
+    return _KEY_LIKE.sub("[redacted]", text)
+
+
 def _provider_message(exc: Exception) -> str:
-    """The provider's own words, without LiteLLM's class-name prefixes."""
+    """The provider's own words, without LiteLLM's class-name prefixes or secrets."""
     message = str(getattr(exc, "message", "") or exc).strip()
     for _ in range(3):
         for prefix in _PREFIXES:
@@ -428,7 +465,7 @@ def _provider_message(exc: Exception) -> str:
             body = inner.get("message", body) if isinstance(inner, dict) else str(inner)
         except ValueError:
             pass
-    return body[:1000]
+    return redact(body)[:1000]
 
 
 # --- the scripted provider ------------------------------------------------------------------

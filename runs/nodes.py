@@ -21,6 +21,7 @@ from runs.context import (
     render,
     render_value,
 )
+from runs.llm import loads_model_json
 from runs.models import Run
 from teams.models import Agent, Tool, Workflow
 
@@ -141,12 +142,12 @@ def extract_json(text: str):
     if fenced:
         text = fenced.group(1).strip()
     try:
-        return json.loads(text)
+        return loads_model_json(text)
     except ValueError:
         start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
         if start < 0:
             raise
-        return json.loads(text[start : text.rfind("}" if text[start] == "{" else "]") + 1])
+        return loads_model_json(text[start : text.rfind("}" if text[start] == "{" else "]") + 1])
 
 
 def output_problem(text: str, schema: dict | None) -> str | None:

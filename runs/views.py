@@ -10,8 +10,8 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
@@ -52,7 +52,7 @@ def _get_run_for_user(request: HttpRequest, pk: int) -> Run:
 def _redirect(request: HttpRequest, url: str) -> HttpResponse:
     if request.htmx:
         return HttpResponseClientRedirect(url)
-    return redirect(url)
+    return HttpResponseRedirect(url)  # redirect() would look "next=inbox" up as a view name
 
 
 @require_GET
@@ -170,7 +170,11 @@ def run_start(request: HttpRequest) -> HttpResponse:
         workflow = get_object_or_404(workflows, slug=request.GET["workflow"])
         versions = workflow.versions.order_by("-number")
         number = request.GET.get("version", "")
-        version = get_object_or_404(versions, number=number) if number.isdigit() else None
+        version = (
+            get_object_or_404(versions, number=number)
+            if number.isascii() and number.isdigit()
+            else None
+        )
         version = version or versions.first()
         schema = version.get_spec().get("input_schema") or {}
         form = StartRunForm(request.POST or None, schema=schema, prefix="in")

@@ -184,7 +184,7 @@ def import_crewai_documents(
     if hierarchical is None:
         hierarchical = process == "hierarchical"
     manager_key = crew.get("manager_agent")
-    if manager_key is not None and manager_key not in agents:
+    if manager_key is not None and (not isinstance(manager_key, str) or manager_key not in agents):
         raise ImportFailed(f"The crew's manager_agent '{manager_key}' is not in agents.yaml.")
     for key in tasks:
         if not NODE_ID.match(key):
@@ -285,13 +285,13 @@ def _check_tasks(agents: dict, tasks: dict, hierarchical: bool) -> None:
                 f"Task '{key}' names no agent; a sequential crew needs one per task "
                 "(or import it as hierarchical)."
             )
-        if agent is not None and agent not in agents:
+        if agent is not None and (not isinstance(agent, str) or agent not in agents):
             raise ImportFailed(f"Task '{key}' names agent '{agent}', which is not in agents.yaml.")
         context = task.get("context") or []
         if not isinstance(context, list):
             raise ImportFailed(f"Task '{key}': context must be a list of task names.")
         for other in context:
-            if other not in tasks:
+            if not isinstance(other, str) or other not in tasks:
                 raise ImportFailed(f"Task '{key}': context names unknown task '{other}'.")
             if order.index(other) >= index:
                 raise ImportFailed(f"Task '{key}': context task '{other}' does not run before it.")

@@ -117,11 +117,28 @@ def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
 
 
+def _strict_json(text):
+    """json.loads without what Python reads but no JSON column stores (NaN, Infinity, 1e999),
+    and with nesting past the recursion limit refused: each is a ValueError."""
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    def finite(number: str) -> float:
+        value = float(number)
+        return refuse(number) if value in (float("inf"), float("-inf")) else value
+
+    try:
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _json_body(request: HttpRequest) -> dict:
     try:
-        body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ValidationError("The body is not JSON.") from exc
+        body = _strict_json(request.body or b"{}")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise ValidationError(f"The body is not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise ValidationError("The body must be a JSON object.")
     return body
@@ -130,8 +147,8 @@ def _json_body(request: HttpRequest) -> dict:
 def _posted_json(request: HttpRequest, name: str) -> dict:
     """A JSON object the editor posts in a form field (the node, edge or spec it shows)."""
     try:
-        value = json.loads(request.POST.get(name) or "{}")
-    except (json.JSONDecodeError, RecursionError):
+        value = _strict_json(request.POST.get(name) or "{}")
+    except ValueError:
         value = None
     if not isinstance(value, dict):
         raise ValidationError(f"`{name}` must be a JSON object.")

@@ -18,9 +18,11 @@ are used. Exporting, importing into an empty database and exporting again gives 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from django.core.exceptions import ValidationError
@@ -109,6 +111,10 @@ def load_yaml(data: bytes | str, what: str = "The file") -> object:
         raise ImportFailed(f"{what} is not valid YAML: {exc}.") from None
     except RecursionError:
         raise ImportFailed(f"{what} is nested too deeply.") from None
+    except ValueError as exc:
+        # PyYAML's constructors: an impossible date (2024-02-30), an integer of more than 4300
+        # digits, `!!int 1e5`...
+        raise ImportFailed(f"{what} has a value YAML cannot read: {exc}.") from None
     budget = [MAX_VALUES]
     try:
         return _plain(document, budget, what)
@@ -120,7 +126,9 @@ def _plain(value, budget: list[int], what: str):
     budget[0] -= 1
     if budget[0] < 0:
         raise ImportFailed(f"{what} expands to more than {MAX_VALUES:,} values.")
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        return _text_value(value, what)
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
@@ -131,8 +139,22 @@ def _plain(value, budget: list[int], what: str):
     if isinstance(value, list):
         return [_plain(item, budget, what) for item in value]
     if isinstance(value, dict):
-        return {str(key): _plain(item, budget, what) for key, item in value.items()}
+        return {
+            _text_value(str(key), what): _plain(item, budget, what) for key, item in value.items()
+        }
     raise ImportFailed(f"{what} contains a value Baton cannot store ({type(value).__name__}).")
+
+
+def _text_value(value: str, what: str) -> str:
+    """YAML escapes can write what no database stores: a lone surrogate (no UTF-8 form) or
+    NUL (PostgreSQL refuses it in text)."""
+    if "\x00" in value:
+        raise ImportFailed(f"{what} contains a NUL character, which Baton cannot store.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImportFailed(f"{what} contains text that is not valid Unicode.") from None
+    return value
 
 
 # --- writing YAML ---------------------------------------------------------------------------
@@ -238,6 +260,7 @@ def export_data(workflow: Workflow) -> dict:
                 "name": agent.name,
                 "role": agent.role.name,
                 **{name: getattr(agent, name) for name in AGENT_FIELDS},
+                "api_base": without_credentials(agent.api_base),
                 "tools": sorted(t.name for t in agent.tools.all()),
             }
             for agent in agents
@@ -262,6 +285,22 @@ def _ordered_spec(spec: dict) -> dict:
     """A spec with its top-level keys in reading order and everything below sorted."""
     first = {key: _ordered(spec[key]) for key in _SPEC_KEYS if key in spec}
     return {**first, **{key: _ordered(spec[key]) for key in sorted(spec) if key not in first}}
+
+
+def without_credentials(url: str) -> str:
+    """An api_base may carry a key (https://user:key@host/v1, ?api_key=...). An export file is
+    shared with whoever may see the workflow, so it never does."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    query = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if not re.search(r"key|token|secret|password|auth", k, re.I)
+    ]
+    return urlunsplit(
+        parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=urlencode(query))
+    )
 
 
 def export_workflow(workflow: Workflow) -> str:
