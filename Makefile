@@ -12,7 +12,7 @@ USER_BIN := $(shell python3 -c 'import site; print(site.USER_BASE)' 2>/dev/null)
 export PATH := $(USER_BIN):$(HOME)/.local/bin:$(PATH)
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: run test lint sync uv chaos
+.PHONY: run test lint sync uv chaos bench
 
 # Debian's python refuses a plain `--user` install (PEP 668, hence the second try); inside a
 # virtualenv `--user` is refused but installing into it is right (the third).
@@ -49,3 +49,7 @@ lint: sync
 # baton_chaos_<id> database there), else a SQLite file; always its own redis-server.
 chaos: sync
 	uv run python -m bench.chaos $(CHAOS_ARGS)
+
+# docs/benchmarks.md; BENCH_ARGS="--quick" for a smoke run.
+bench: sync
+	uv run python -m bench.bench $(BENCH_ARGS)
