@@ -216,7 +216,9 @@ def audit_log(request: HttpRequest) -> HttpResponse:
     data = form.cleaned_data if form.is_valid() else {}
     kind, user = data.get("kind") or "", (data.get("user") or "").strip()
     since = _day_start(data["start"]) if data.get("start") else None
-    until = _day_start(data["end"] + dt.timedelta(days=1)) if data.get("end") else None
+    # The last representable day has no "next day": leave the range open at the end.
+    last_day = data.get("end") and data["end"] < dt.date.max
+    until = _day_start(data["end"] + dt.timedelta(days=1)) if last_day else None
     builders = {
         "admin": _admin_source,
         "approval": _approval_source,
