@@ -21,6 +21,15 @@ def server_binary() -> str:
     return str(binary)
 
 
+def _options(socket_path: Path) -> list[str]:
+    """A unix socket only, no TCP port, nothing kept on disk."""
+    return [
+        "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+        "--save", "", "--appendonly", "no", "--dir", str(socket_path.parent),
+        "--loglevel", "warning",
+    ]  # fmt: skip
+
+
 def start(socket_path: Path, timeout_s: float = 10.0) -> subprocess.Popen:
     """Start redis-server on `socket_path` and wait until it answers PING."""
     socket_path = Path(socket_path)
@@ -28,23 +37,7 @@ def start(socket_path: Path, timeout_s: float = 10.0) -> subprocess.Popen:
     if socket_path.exists():
         socket_path.unlink()
     process = subprocess.Popen(
-        [
-            server_binary(),
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(socket_path.parent),
-            "--loglevel",
-            "warning",
-        ],
+        [server_binary(), *_options(socket_path)],
         stdin=subprocess.DEVNULL,
         stdout=open(socket_path.with_suffix(".log"), "ab"),
         stderr=subprocess.STDOUT,
@@ -81,21 +74,5 @@ def serve_forever(socket_path: Path) -> int:
         socket_path.unlink()
     os.execv(
         server_binary(),
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(socket_path.parent),
-            "--loglevel",
-            "warning",
-        ],
+        ["redis-server", *_options(socket_path)],
     )
