@@ -239,23 +239,7 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
             "error": message,
             "at": timezone.now().isoformat(),
         }
-        with transaction.atomic():
-            _lock_run(ctx.run.pk)
-            if not _mine(ctx).update(
-                status=Step.PENDING,
-                attempts=[*step.attempts, attempt],
-                lease_until=None,
-                not_before=timezone.now() + timedelta(seconds=delay),
-            ):
-                return
-            events.append_event(
-                ctx.run.pk,
-                "step.retrying",
-                _step_payload(
-                    step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)
-                ),
-            )
-            _enqueue(step.pk, countdown=delay)
+        _retry_later(ctx, delay, message, attempts=[*step.attempts, attempt])
     except (OperationalError, InterfaceError):
         log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
@@ -471,15 +455,18 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
         on_this_model = 0
     delay = settings.BATON_RETRY_BACKOFF_S * (2 ** max(on_this_model - 1, 0))
     delay = delay * (0.5 + random.random())  # jitter: don't retry in lockstep
+    _retry_later(ctx, delay, message, attempts=attempts, input=data, agent=agent)
+
+
+def _retry_later(ctx: StepContext, delay: float, message: str, **fields) -> None:
+    """Put our step back to pending and ring the doorbell again after `delay` seconds."""
     with transaction.atomic():
         _lock_run(ctx.run.pk)
         if not _mine(ctx).update(
             status=Step.PENDING,
-            attempts=attempts,
-            input=data,
             lease_until=None,
             not_before=timezone.now() + timedelta(seconds=delay),
-            agent=agent,
+            **fields,
         ):
             return
         events.append_event(
@@ -489,7 +476,7 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
                 ctx.step, status=Step.PENDING, error=message[:500], delay_s=round(delay, 2)
             ),
         )
-        _enqueue(step.pk, countdown=delay)
+        _enqueue(ctx.step.pk, countdown=delay)
 
 
 def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
