@@ -8,7 +8,7 @@ from django.db import connection
 
 from orchestrator_site import embedded_redis
 
-pytest_plugins = ["tests.worker", "tests.fake_llm"]
+pytest_plugins = ["tests.worker", "tests.fake_llm", "tests.browser"]
 
 _redis_process = None
 

@@ -2,132 +2,29 @@
 watch it finish without a reload; a finished run's page shows the same picture; a page that lost
 its server mid-run converges, with every event applied exactly once and in order.
 
-WebSockets need an ASGI server (pytest-django's live_server speaks WSGI only): the pages are served
-by Daphne's own `runserver` (static files with --insecure) in a child process that, like the
-Celery worker, opens the test database.
+WebSockets need an ASGI server: the pages are served by Daphne (tests/browser.py), which opens the
+test database like the Celery worker.
 """
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
-from django.db import connections
-from django.test import Client
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from runs import engine
 from runs.models import Run
 from teams.models import Workflow
+from tests.browser import signed_in_context
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 FANOUT_NODES = ("fan_out", "market", "technical", "risks", "gather", "synthesis")
 
 
-class AsgiServer:
-    """Daphne serving Baton and its static files from the test database; restartable on the
-    same port, which cuts every open page's connection."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(settings.VAR_DIR) / f"test-{settings.TEST_ID}-daphne-runs.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60) -> None:
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "BATON_TEST_WORKER": "1"}
-        with open(self.log_path, "a") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "manage.py",
-                    "runserver",
-                    "--noreload",
-                    "--insecure",
-                    "--skip-checks",
-                    f"127.0.0.1:{self.port}",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited early; see {self.log_path}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"daphne not up; see {self.log_path}") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 @pytest.fixture
-def asgi_server(transactional_db):
-    server = AsgiServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def browser_context(asgi_server, admin_user):
-    client = Client()
-    client.force_login(admin_user)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(base_url=asgi_server.url)
-            context.add_cookies(
-                [
-                    {
-                        "name": settings.SESSION_COOKIE_NAME,
-                        "value": client.cookies[settings.SESSION_COOKIE_NAME].value,
-                        "url": asgi_server.url,
-                    }
-                ]
-            )
-            context.set_default_timeout(30_000)
-            yield context
-        finally:
-            browser.close()
-            # Playwright's greenlet has its own database connection; pytest-django would not
-            # close it (PostgreSQL then refuses to drop the test database).
-            connections.close_all()
+def browser_context(asgi_server, admin_user, chromium):
+    return signed_in_context(chromium, asgi_server.url, admin_user)
 
 
 def socket_open(page, selector: str = "#run-live") -> None:

@@ -3,7 +3,10 @@ shows text it did not write: names, descriptions, node ids, prompts, run input, 
 tool arguments and results, approval titles and payloads, error messages, cost labels.
 
 `build_world` makes the objects the way the engine leaves them (rows, and events through
-runs.events), so the pages render them as they would after a real run.
+runs.events), so the pages render them as they would after a real run. A text longer than a
+column holds is cut to the column's max_length (PostgreSQL refuses more; SQLite would keep it):
+the label comes first and the text right after it, so what is kept starts with a whole payload.
+Tests that need every payload whole in every column build one world per payload.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from approvals.models import ApprovalRequest
@@ -71,16 +74,28 @@ class World:
     text: str
 
 
-def world_spec(text: str, agent: str, tool: str) -> dict:
+def fit(model: type[models.Model], field: str, text: str) -> str:
+    """`text` cut to what `model.field` holds."""
+    return text[: model._meta.get_field(field).max_length]
+
+
+def world_spec(text: str, agent: str, tool: str, revision: str = "") -> dict:
     """A valid spec whose node ids, labels and prompts carry `text` (the validator allows any
-    text as a node id; only the editor's form restricts them)."""
-    a, t, gate = f"research {text}", f"tool {text}", f"gate {text}"
+    text as a node id; only the editor's form restricts them). Node ids fit Step.node_id.
+
+    A `revision` goes into every label and prompt, and into the id of the approval node: a
+    diff of two revisions shows changed nodes (ids in attributes), an added and a removed one.
+    """
+    a = fit(Step, "node_id", f"research {text}")
+    t = fit(Step, "node_id", f"tool {text}")
+    gate = fit(Step, "node_id", f"gate{revision} {text}")
+    said = f"{text}{revision}"
     return {
         "schema_version": 2,
         "input_schema": {
             "type": "object",
             "properties": {
-                "topic": {"type": "string", "title": f"Topic {text}", "description": text}
+                "topic": {"type": "string", "title": f"Topic {said}", "description": said}
             },
         },
         "nodes": [
@@ -88,15 +103,15 @@ def world_spec(text: str, agent: str, tool: str) -> dict:
                 "id": a,
                 "kind": "agent",
                 "agent": agent,
-                "label": text,
-                "prompt": f"Research {{topic}}: {text}",
+                "label": said,
+                "prompt": f"Research {{topic}}: {said}",
             },
-            {"id": t, "kind": "tool", "tool": tool, "label": text, "args": {"expression": text}},
-            {"id": gate, "kind": "approval", "title": text, "prompt": text},
+            {"id": t, "kind": "tool", "tool": tool, "label": said, "args": {"expression": said}},
+            {"id": gate, "kind": "approval", "title": said, "prompt": said},
         ],
         "edges": [
-            {"source": a, "target": t, "label": text},
-            {"source": t, "target": gate, "label": text},
+            {"source": a, "target": t, "label": said},
+            {"source": t, "target": gate, "label": said},
         ],
     }
 
@@ -122,10 +137,10 @@ def build_world(
 def _build(owner, text: str, members, slug: str, markdown: str, shared: str) -> World:
     now = timezone.now()
     role, _ = Role.objects.get_or_create(
-        name=f"Role {shared}"[:120], defaults={"goal": shared, "backstory": shared}
+        name=fit(Role, "name", f"Role {shared}"), defaults={"goal": shared, "backstory": shared}
     )
     tool = Tool.objects.create(
-        name=f"tool {slug} {shared}"[:120],
+        name=fit(Tool, "name", f"tool {slug} {shared}"),
         description=shared,
         entrypoint="baton.calculator",
         args_schema={
@@ -135,18 +150,22 @@ def _build(owner, text: str, members, slug: str, markdown: str, shared: str) -> 
         requires_approval=True,
     )
     agent = Agent.objects.create(
-        name=f"agent {slug} {shared}"[:120],
+        name=fit(Agent, "name", f"agent {slug} {shared}"),
         role=role,
-        model=f"scripted/{shared}"[:200],
+        model=fit(Agent, "model", f"scripted/{shared}"),
         system_prompt=shared,
     )
     agent.tools.set([tool])
     spec = world_spec(text, agent.name, tool.name)
     workflow = Workflow.objects.create(
-        name=f"Workflow {text}"[:200], slug=slug, owner=owner, description=text, draft=spec
+        name=fit(Workflow, "name", f"Workflow {text}"),
+        slug=slug,
+        owner=owner,
+        description=text,
+        draft=spec,
     )
     workflow.members.set(members)
-    version = workflow.publish(user=owner, note=text[:500])
+    version = workflow.publish(user=owner, note=fit(WorkflowVersion, "note", text))
     node_a, node_t, node_gate = (n["id"] for n in spec["nodes"])
 
     run = Run.objects.create(
@@ -156,7 +175,7 @@ def _build(owner, text: str, members, slug: str, markdown: str, shared: str) -> 
         state={"topic": text},
         started_by=owner,
         status=Run.WAITING_APPROVAL,
-        blocked_on=text[:200],
+        blocked_on=fit(Run, "blocked_on", text),
         error=text,
         result=markdown,
         started_at=now - timedelta(minutes=3),
@@ -311,7 +330,7 @@ def _build(owner, text: str, members, slug: str, markdown: str, shared: str) -> 
         run=run,
         step=agent_step,
         kind="escalation",
-        title=text,
+        title=fit(ApprovalRequest, "title", text),
         payload={"output": text},
         context={"reason": text},
         status=ApprovalRequest.REJECTED,
@@ -345,7 +364,7 @@ def _build(owner, text: str, members, slug: str, markdown: str, shared: str) -> 
         completion_tokens=80,
         total_tokens=200,
         cost=Decimal("0.0042"),
-        price_source=text[:40],
+        price_source=fit(UsageRecord, "price_source", text),
         response={"text": text},
         latency_ms=900,
         at=now,

@@ -9,7 +9,7 @@ import re
 import statistics
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from runs.models import Run
 from teams.models import Workflow
@@ -18,14 +18,6 @@ from tests.factories import make_agent
 
 pytestmark = [pytest.mark.browser]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TOPIC_SCHEMA = {
     "type": "object",
     "properties": {"topic": {"type": "string"}},
@@ -34,21 +26,18 @@ TOPIC_SCHEMA = {
 
 
 @pytest.fixture
-def page(live_server, alice):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(base_url=live_server.url, viewport={"width": 1440, "height": 900})
-        page.set_default_timeout(20_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto("/accounts/login/")
-        page.fill("#id_username", "alice")
-        page.fill("#id_password", "alice-pass-123")
-        page.click("button[type=submit]")
-        page.wait_for_url(re.compile(r"/runs/$"))
-        yield page
-        browser.close()
-        assert errors == [], f"JavaScript errors on the page: {errors}"
+def page(live_server, alice, chromium):
+    page = chromium.new_page(base_url=live_server.url, viewport={"width": 1440, "height": 900})
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto("/accounts/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "alice-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/runs/$"))
+    yield page
+    assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 def open_editor(page: Page, slug: str) -> None:

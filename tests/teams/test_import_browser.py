@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from runs import engine
 from runs.models import Run
@@ -13,29 +13,18 @@ from teams.models import Workflow
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture
-def page(live_server, alice):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(base_url=live_server.url)
-        page.set_default_timeout(20_000)
-        page.goto("/accounts/login/")
-        page.fill("#id_username", "alice")
-        page.fill("#id_password", "alice-pass-123")
-        page.click("button[type=submit]")
-        page.wait_for_url(re.compile(r"/runs/$"))
-        yield page
-        browser.close()
+def page(live_server, alice, chromium):
+    page = chromium.new_page(base_url=live_server.url)
+    page.set_default_timeout(20_000)
+    page.goto("/accounts/login/")
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "alice-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/runs/$"))
+    return page
 
 
 def test_upload_a_crewai_pair_then_run_it_to_success(page, celery_worker, alice):
