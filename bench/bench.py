@@ -68,7 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(PHASES),
         help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
     )
-    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Celery worker processes (default: one per CPU core)",
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -194,16 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     sampler = None
     try:
         stack.prepare()
-        # Enough threads for W3's runs to all wait on the LLM at once. But a running step
-        # holds two PostgreSQL connections (its thread's and, after a third of the lease, its
-        # heartbeat thread's), and a claim refused with "too many clients" loses its Celery
-        # message: stay within what the server has left, keeping room for this process
+        # Enough threads for W3's runs to all wait on the LLM at once. A running step holds
+        # its thread's PostgreSQL connection, and each worker process has two more (its lease
+        # thread's and its publisher's); a claim refused with "too many clients" loses its
+        # Celery message: stay within what the server has left, keeping room for this process
         # (starters, publisher, listeners) and Daphne.
         wanted = args.concurrency or max(args.w3_runs // args.workers, 8)
         if stack.max_connections and not args.concurrency:
             spare = stack.max_connections - stack.connections_in_use - args.starters - 15
-            if spare // (2 * args.workers) < wanted:
-                wanted = max(spare // (2 * args.workers), 4)
+            if spare // args.workers - 2 < wanted:
+                wanted = max(spare // args.workers - 2, 4)
                 print(
                     f"bench: PostgreSQL has {spare} connections to spare "
                     f"({stack.connections_in_use} of {stack.max_connections} in use): "

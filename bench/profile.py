@@ -77,8 +77,6 @@ HOT = [
     ("runs/events.py", "publish_tokens", "publish_tokens"),
     ("celery/app/task.py", "apply_async", "Celery apply_async (doorbell)"),
     ("teams/models.py", "get_spec", "WorkflowVersion.get_spec"),
-    ("runs/engine.py", "start", "heartbeat thread start"),
-    ("runs/engine.py", "stop", "heartbeat thread stop"),
 ]
 
 _TABLE = re.compile(r'(?:FROM|INTO|UPDATE)\s+"?(\w+)"?', re.I)
@@ -256,20 +254,39 @@ def database_baseline(design, calls: int = 50) -> dict:
 
 
 def publish_cost(run_ids: list[int]) -> dict:
-    """What publishing one stored event costs (render its fragments, send them to the run's
-    group and, for run.* kinds, the dashboard's): the work a worker's publisher does per event,
-    timed here again on the same events, in this thread."""
+    """What publishing stored events costs (render their fragments, send them to the run's
+    group and, for run.* kinds, the dashboard's), timed here again on the same events, in this
+    thread, until sent. "all": one event at a time, with a page open on each run; "batched":
+    each run's events as one batch, per event (a busy worker's publisher takes every event
+    queued so far as one batch); "unwatched": one at a time with no page open on the run."""
     _flush_publisher()
     timings: dict[str, list[float]] = defaultdict(list)
     queries: list[int] = []
-    for event in RunEvent.objects.filter(run_id__in=run_ids).order_by("run_id", "seq"):
+    stored = list(RunEvent.objects.filter(run_id__in=run_ids).order_by("run_id", "seq"))
+
+    def publish(batch: list, label: str) -> None:
         with CaptureQueriesContext(connection) as captured:
             began = time.perf_counter()
-            events.publish_event(event)
+            events.publish_events(batch)
+            _flush_publisher()
             elapsed = (time.perf_counter() - began) * 1000
-        timings["all"].append(elapsed)
-        timings[event.kind].append(elapsed)
-        queries.append(len(captured.captured_queries))
+        timings[label].extend([elapsed / len(batch)] * len(batch))
+        if label == "all":
+            timings[batch[0].kind].append(elapsed)
+            queries.append(len(captured.captured_queries))
+
+    for event in stored:
+        publish([event], "unwatched")
+    for run_id in run_ids:
+        events.watch(events.run_group(run_id), "bench-profile")
+    try:
+        for event in stored:
+            publish([event], "all")
+        for run_id in run_ids:
+            publish([event for event in stored if event.run_id == run_id], "batched")
+    finally:
+        for run_id in run_ids:
+            events.unwatch(events.run_group(run_id), "bench-profile")
     result = {kind: summarize(values) for kind, values in timings.items()}
     result["queries"] = summarize(queries)
     return result
@@ -356,9 +373,7 @@ def publishing(calls: int = 50) -> dict:
     """One group_send from sync code (what runs/events.py does per event and per dashboard
     row) and one Celery apply_async (the doorbell), each on its own; next to a group_send
     from one long-lived event loop, and asking Redis whether a group has any member."""
-    import redis
     from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
-    from django.conf import settings
 
     from runs.tasks import execute_step_task
 
@@ -375,21 +390,18 @@ def publishing(calls: int = 50) -> dict:
         return spent[3:]
 
     timings["channel layer group_send from one long-lived loop"] = asyncio.run(from_one_loop())
-    host = settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0]
-    client = redis.Redis.from_url(host["address"] if isinstance(host, dict) else host)
-    key = layer._group_key(events.run_group(0))
     for _ in range(calls):
         began = time.perf_counter()
-        client.zcard(key)
-        timings["ZCARD of a group (does anyone listen?)"].append(
+        events.is_watched(0)
+        timings["events.is_watched (does anyone watch?)"].append(
             (time.perf_counter() - began) * 1000
         )
-    client.close()
     for number in range(calls + 3):
         began = time.perf_counter()
-        events._send("bench-nobody-listens", message)
+        events.publish_to_group("bench-nobody-listens", message)
+        events.flush()
         if number >= 3:
-            timings["channel layer group_send via async_to_sync"].append(
+            timings["group_send from sync code via the publisher's loop, until sent"].append(
                 (time.perf_counter() - began) * 1000
             )
         began = time.perf_counter()

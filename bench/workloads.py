@@ -30,7 +30,7 @@ from teams.models import Agent, Role, Workflow, WorkflowVersion
 TOPIC = {"topic": "durable agents"}
 MODEL = "openai/gpt-4o-mini"
 FANOUT = 10
-SEQ_MARKER = re.compile(r'id="run-seq" data-seq="(\d+)"')
+EVENT_LINE = re.compile(r'<li id="ev-(\d+)"')  # every event a live message carries
 
 
 class BenchError(Exception):
@@ -40,7 +40,8 @@ class BenchError(Exception):
 class GroupListener:
     """Listens on a Channels group (by default the dashboard's: every run's status and
     totals) through the channel layer, from a thread and event loop of its own, and stamps
-    each message's arrival.
+    each message's arrival. It counts as a watcher of the group (runs/events.py `watch`), as
+    an open page does: the publishers render nothing for a group nobody watches.
 
     Since events are published by a background thread of each worker, a run can be finished
     while its events are still queued for rendering; `wait_published` waits for them, so one
@@ -48,8 +49,6 @@ class GroupListener:
     """
 
     def __init__(self, group: str | None = None):
-        from runs import events
-
         self.group = group or events.DASHBOARD_GROUP
         self.arrivals: dict[int, dict[int, float]] = {}
         self.order: list[int] = []  # seqs in arrival order (meaningful for one run's group)
@@ -74,6 +73,7 @@ class GroupListener:
         self._stopping = True
         async_to_sync(get_channel_layer().send)(self._channel, {"type": "bench.stop"})
         self._thread.join(timeout=10)
+        events.unwatch(self.group, self._channel)
 
     def out_of_order(self) -> int:
         """Messages that arrived after a later seq of the same group had arrived."""
@@ -92,20 +92,35 @@ class GroupListener:
         layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
         self._channel = await layer.new_channel()
         await layer.group_add(self.group, self._channel)
+        refresher = asyncio.create_task(self._keep_watching())
+        await asyncio.to_thread(events.watch, self.group, self._channel)
         self._ready.set()
         while not self._stopping:
             try:
                 message = await layer.receive(self._channel)
-            except Exception:  # redis-py 8 times out an idle blocking read: just listen again
+            except Exception:  # a Redis hiccup: just listen again
                 self.errors += 1
                 if self.errors > 1000:
                     raise
                 await asyncio.sleep(0.01)
                 continue
             now = time.time()
-            if message.get("type") == "run.event":
-                self.arrivals.setdefault(message["run_id"], {}).setdefault(message["seq"], now)
-                self.order.append(message["seq"])
+            if message.get("type") == "run.events":  # a run's group: consecutive seqs
+                seqs = range(message["first_seq"], message["last_seq"] + 1)
+            elif message.get("type") == "run.row":  # the dashboard: the row after these
+                seqs = message["seqs"]
+            else:
+                continue
+            for seq in seqs:
+                self.arrivals.setdefault(message["run_id"], {}).setdefault(seq, now)
+                self.order.append(seq)
+        refresher.cancel()
+
+    async def _keep_watching(self) -> None:
+        """A bench outlives a watcher entry: renew it as a consumer does."""
+        while True:
+            await asyncio.sleep(events.WATCH_REFRESH_S)
+            await asyncio.to_thread(events.watch, self.group, self._channel)
 
     def wait_published(
         self, run_ids: list[int], timeout_s: float = 600, quiet_s: float = 10
@@ -571,10 +586,10 @@ async def _live_round(stack, design: Design, clients: int, cookie: str) -> dict:
                     now = time.time()
                     if message.type != aiohttp.WSMsgType.TEXT:
                         continue
-                    match = SEQ_MARKER.search(message.data)
-                    if match:
-                        arrivals[index].setdefault(int(match.group(1)), now)
-                    else:
+                    seqs = EVENT_LINE.findall(message.data)
+                    for seq in seqs:
+                        arrivals[index].setdefault(int(seq), now)
+                    if not seqs:
                         streams[index] += 1
             finally:
                 await ws.close()

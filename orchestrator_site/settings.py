@@ -113,7 +113,16 @@ TEMPLATES = [
 # DATABASE_URL selects PostgreSQL (production, CI); without it Baton uses a SQLite file.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
+    # A pool per process: Celery closes Django's connections around every task, and Daphne
+    # serves each request on its own thread; with the pool a close hands the connection back
+    # instead of ending a PostgreSQL backend (opening one costs milliseconds). Every thread
+    # holds one while it works, so the pool must allow at least the worker's thread count.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("BATON_DB_POOL_MIN", 2),
+        "max_size": env_int("BATON_DB_POOL_MAX", 60),
+        "timeout": env_int("BATON_DB_POOL_TIMEOUT_S", 30),
+    }
 else:
     DATABASES = {
         "default": {
@@ -173,14 +182,26 @@ CELERY_BEAT_SCHEDULE = {
     "expire-approvals": {"task": "approvals.tasks.expire_due_approvals", "schedule": 5.0},
 }
 
+# Redis pub/sub: a group message is one PUBLISH, received once per Daphne process and handed to
+# its consumers there (the list-based RedisChannelLayer stores one copy per consumer: 200 pops
+# and decodes per event for 200 viewers). Delivery is at most once, which the consumers cover:
+# they fill any gap from the event log (runs/consumers.py).
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {
-            "hosts": [_redis_url_for("redis-py")],
+            "hosts": [
+                {
+                    "address": _redis_url_for("redis-py"),
+                    # redis-py waits 5 s by default. No command here blocks: the layer reads
+                    # subscriptions with timeouts of its own, so a read waiting this long means
+                    # Redis is gone. The health check finds a subscription's dead connection.
+                    "socket_timeout": 10,
+                    "socket_connect_timeout": 5,
+                    "health_check_interval": 30,
+                }
+            ],
             "prefix": f"{REDIS_KEY_PREFIX}:asgi",
-            "capacity": 5000,
-            "expiry": 30,
         },
     }
 }

@@ -6,8 +6,8 @@ a snapshot of the database when it is rendered (never of the event payload alone
 `id` that htmx's `hx-swap-oob` uses to replace it. Applying a run's fragments in `seq` order
 therefore always ends on the current state, whatever was rendered in between.
 
-runs/events.py renders with `render_event`, `render_dashboard_row` and `render_stream` when it
-publishes; the consumers and the polling view render stored events with `render_event` too.
+runs/events.py renders with `render_events`, `render_dashboard_row` and `render_stream` when it
+publishes; the consumers and the polling view render stored events with `render_events` too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from decimal import Decimal
 
 import markdown
 import nh3
+from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
 
@@ -320,7 +321,8 @@ def node_statuses(steps) -> dict[str, Step]:
 # --- contexts -----------------------------------------------------------------------------------
 
 
-def run_header_context(run: Run) -> dict:
+def run_header_context(run: Run, running: list[Step] | None = None) -> dict:
+    """`running`: the run's running steps, when the caller has them at hand."""
     elapsed = run.duration_s
     return {
         "run": run,
@@ -328,17 +330,21 @@ def run_header_context(run: Run) -> dict:
         "elapsed": duration(elapsed),
         "elapsed_s": f"{elapsed:.1f}" if elapsed is not None else "",
         "ticking": run.started_at is not None and run.finished_at is None and run.is_active,
-        "blocked": BLOCKED_LABELS.get(run.blocked_on, run.blocked_on) or _working_on(run),
+        "blocked": BLOCKED_LABELS.get(run.blocked_on, run.blocked_on) or _working_on(run, running),
     }
 
 
-def _working_on(run: Run) -> str:
+def _working_on(run: Run, running: list[Step] | None) -> str:
     """What a running run waits for when nothing blocks it: its steps' LLM or tool calls."""
     if run.status != Run.RUNNING:
         return ""
-    running = run.steps.filter(status=Step.RUNNING).order_by("created_at")
+    if running is None:
+        running = list(
+            run.steps.filter(status=Step.RUNNING).only("id", "node_id", "kind", "created_at")
+        )
+    running = sorted(running, key=lambda step: (step.created_at, step.pk))
     groups: dict[str, list[str]] = {}
-    for node_id, kind in running.values_list("node_id", "kind")[:6]:
+    for node_id, kind in [(step.node_id, step.kind) for step in running[:6]]:
         if kind in ("parallel", "join"):
             continue
         what = {"tool": "tool", "subworkflow": "sub-workflow", "approval": "approval"}
@@ -514,34 +520,78 @@ def detail_context(run: Run, last_seq: int) -> dict:
 # --- live fragments -----------------------------------------------------------------------------
 
 
-def render_event(event: RunEvent) -> str:
-    """The fragments one stored event changes, each carrying `hx-swap-oob`.
+def render_events(events: list[RunEvent], run: Run | None = None) -> str:
+    """The fragments that consecutive stored events of one run change, each carrying
+    `hx-swap-oob`, rendered once for all of them ("" for no events).
 
-    Always: the seq marker (the page's "last applied seq"), the header and the event's line in
-    the activity log. A step's event adds that step (appended if the page lacks it, else its
-    parts replaced) and its node in the graph. A run's status change adds the controls, the
-    result, the state, and the steps the engine changes in bulk without events of their own
-    (ending a run cancels what is left; a retry puts failed steps back to pending).
+    Always: the seq marker of the last event (the page's "last applied seq"), the header and
+    every event's line in the activity log. Each step an event names, once (appended if the
+    page lacks it, else its parts replaced), and its node in the graph. After a run's status
+    change also the steps the engine changes in bulk without events of their own (ending a run
+    cancels what is left; a retry puts failed steps back to pending); after a run.* or
+    approval.* event the controls; after a status change or a step that ended, the result and
+    the state. Every part is a snapshot of the database, so one rendering after the last event
+    ends where rendering after each event would have.
+
+    Queries: the run with its version (unless given), the steps to show with their tool calls
+    (two), and one for the graph's nodes and what the header says the run is working on.
     """
-    run = Run.objects.select_related("workflow", "version", "started_by").get(pk=event.run_id)
-    parts = [
-        _partial("seq", {"seq": event.seq}),
-        _partial("header", {**run_header_context(run), "oob": True}),
-        _partial("event-append", {"event": event, "summary": event_summary(event)}),
-    ]
-    payload = event.payload if isinstance(event.payload, dict) else {}
-    steps = run.steps.select_related("agent").prefetch_related("tool_call_records")
-    if event.kind == "run.status":
-        steps = steps.filter(status__in=BULK_CHANGED)
-    elif payload.get("step_id"):
-        steps = steps.filter(pk=payload["step_id"])
-    else:
-        steps = steps.none()
+    if not events:
+        return ""
+    if run is None:
+        run = Run.objects.select_related("version").get(pk=events[0].run_id)
+    kinds = {event.kind for event in events}
+    step_ids = {
+        e.payload["step_id"]
+        for e in events
+        if isinstance(e.payload, dict) and isinstance(e.payload.get("step_id"), int)
+    }
+    steps: list[Step] = []
+    if step_ids or "run.status" in kinds:
+        shown = Q(pk__in=step_ids)
+        if "run.status" in kinds:
+            shown |= Q(status__in=BULK_CHANGED)
+        steps = list(
+            run.steps.filter(shown)
+            .select_related("agent")
+            .prefetch_related("tool_call_records")
+            .order_by("created_at", "id")
+        )
     spec_nodes = node_map(run.version.get_spec())
-    parts.extend(render_step(step, spec_nodes) for step in steps.order_by("created_at", "id"))
-    if event.kind.startswith("run.") or event.kind.startswith("approval."):
+    node_ids = {step.node_id for step in steps if step.node_id in spec_nodes}
+    # One light query serves both the nodes' latest steps and the header's running steps.
+    wanted = Q(node_id__in=node_ids)
+    if run.status == Run.RUNNING:
+        wanted |= Q(status=Step.RUNNING)
+    others = []
+    if node_ids or run.status == Run.RUNNING:
+        others = list(
+            Step.objects.filter(Q(run_id=run.pk) & wanted).only(
+                "id", "run_id", "node_id", "kind", "iteration", "created_at", "status"
+            )
+        )
+    running = [step for step in others if step.status == Step.RUNNING]
+    parts = [
+        _partial("seq", {"seq": events[-1].seq}),
+        _partial("header", {**run_header_context(run, running), "oob": True}),
+        _partial(
+            "event-append",
+            {"events": [{"event": e, "summary": event_summary(e)} for e in events]},
+        ),
+    ]
+    for step in steps:
+        context = {**step_context(step), "oob": True}
+        parts.append(_partial("step-append", context))
+        parts.append(_partial("step-head", context))
+        parts.append(_partial("step-body", context))
+    latest = node_statuses(step for step in others if step.node_id in node_ids)
+    for node_id in sorted(node_ids):
+        node = graph_node(spec_nodes[node_id])
+        context = {**graph_node_context(node, latest.get(node_id)), "oob": True}
+        parts.append(_partial("graph-node", context))
+    if any(kind.startswith(("run.", "approval.")) for kind in kinds):
         parts.append(_partial("controls-buttons", {**controls_context(run), "oob": True}))
-    if event.kind in ("run.status", "step.finished", "step.failed"):
+    if kinds & {"run.status", "step.finished", "step.failed"}:
         parts.append(
             _partial("result", {"result": value_context(run.result), "run": run, "oob": True})
         )
@@ -549,39 +599,13 @@ def render_event(event: RunEvent) -> str:
     return "".join(parts)
 
 
-def render_step(step: Step, spec_nodes: dict[str, dict]) -> str:
-    """Append the step if the page lacks it (the page's script drops it if present), replace
-    its head and body otherwise, and recolour its node in the graph."""
-    context = {**step_context(step), "oob": True}
-    parts = [
-        _partial("step-append", context),
-        _partial("step-head", context),
-        _partial("step-body", context),
-    ]
-    if step.node_id in spec_nodes:
-        latest = (
-            Step.objects.filter(run_id=step.run_id, node_id=step.node_id)
-            .order_by("-iteration", "-created_at", "-id")
-            .first()
-        )
-        node = graph_node(spec_nodes[step.node_id])
-        parts.append(_partial("graph-node", {**graph_node_context(node, latest), "oob": True}))
-    return "".join(parts)
-
-
-def render_dashboard_row(event: RunEvent) -> str:
+def render_dashboard_row(run: Run, inserted: bool) -> str:
     """A run's row in the runs list: inserted at the top for a new run, replaced otherwise."""
-    run = Run.objects.select_related("workflow", "version", "started_by").get(pk=event.run_id)
-    name = "row-insert" if event.kind == "run.created" else "row"
-    return _partial(name, {**run_row_context(run), "oob": True})
+    return _partial("row-insert" if inserted else "row", {**run_row_context(run), "oob": True})
 
 
 def render_stream(step_id: int, text: str) -> str:
     return _partial("stream", {"step_id": step_id, "text": text, "oob": True})
-
-
-def render_events(events) -> str:
-    return "".join(render_event(event) for event in events)
 
 
 def _partial(name: str, context: dict) -> str:

@@ -43,7 +43,7 @@ if not os.environ.get("REDIS_URL"):
     EMBEDDED_REDIS_SOCKET = VAR_DIR / f"test-redis-{TEST_ID}.sock"
     REDIS_URL = f"redis+socket://{EMBEDDED_REDIS_SOCKET}"
     CELERY_BROKER_URL = REDIS_URL
-    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [f"unix://{EMBEDDED_REDIS_SOCKET}"]  # noqa: F405
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0]["address"] = f"unix://{EMBEDDED_REDIS_SOCKET}"  # noqa: F405
     CACHES["default"]["LOCATION"] = f"unix://{EMBEDDED_REDIS_SOCKET}"  # noqa: F405
 
 BATON_STEP_LEASE_S = 6

@@ -1,5 +1,8 @@
 """The run sockets through the real ASGI stack (session auth, routing) and the real Redis
-channel layer: who may connect, replay after reconnect, and each event exactly once in order."""
+channel layer: who may connect, replay after reconnect, and each event exactly once in order.
+
+A message carries one or more consecutive events (the publisher renders what it has queued
+as one batch): its seq marker is its last event's, and it holds every event's log line."""
 
 import json
 import re
@@ -47,22 +50,33 @@ def seq_of(html: str) -> int:
     return int(re.search(r'id="run-seq" data-seq="(\d+)"', html)[1])
 
 
-async def received_seqs(communicator: WebsocketCommunicator, count: int) -> list[int]:
-    return [seq_of(await communicator.receive_from(TIMEOUT)) for _ in range(count)]
+def event_lines(html: str) -> list[int]:
+    return [int(seq) for seq in re.findall(r'<li id="ev-(\d+)"', html)]
+
+
+async def received_events(communicator: WebsocketCommunicator, through: int) -> list[int]:
+    """The events of the messages received until the one that ends with seq `through`."""
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < through:
+        html = await communicator.receive_from(TIMEOUT)
+        lines = event_lines(html)
+        assert lines and seq_of(html) == lines[-1], html
+        seqs.extend(lines)
+    return seqs
 
 
 append = database_sync_to_async(events.append_event)
 
 
 @database_sync_to_async
-def store_silently(run_id: int, kind: str) -> RunEvent:
+def store_silently(run_id: int, kind: str, payload: dict | None = None) -> RunEvent:
     """An event that is stored but whose publish has not arrived (yet)."""
     Run.objects.filter(pk=run_id).update(last_seq=F("last_seq") + 1)
     seq = Run.objects.values_list("last_seq", flat=True).get(pk=run_id)
-    return RunEvent.objects.create(run_id=run_id, seq=seq, kind=kind, payload={})
+    return RunEvent.objects.create(run_id=run_id, seq=seq, kind=kind, payload=payload or {})
 
 
-publish = database_sync_to_async(events.publish_event)
+publish = database_sync_to_async(events.publish_events)
 
 
 # --- the run socket ----------------------------------------------------------------------
@@ -93,13 +107,13 @@ def test_member_gets_the_missed_events_then_live_ones(workflow, alice, bob):
         communicator = socket(f"/ws/runs/{run.pk}/", bob)
         assert (await communicator.connect(TIMEOUT))[0]
         await communicator.send_to(text_data=json.dumps({"last_seq": 1}))
-        replayed = [await communicator.receive_from(TIMEOUT) for _ in range(2)]
-        assert [seq_of(html) for html in replayed] == [2, 3]
-        assert f'<article id="step-{step.pk}"' in replayed[0]
-        assert 'id="gnode-a" class="gnode gnode-pending"' in replayed[0]
+        replayed = await communicator.receive_from(TIMEOUT)  # both events, rendered once
+        assert event_lines(replayed) == [2, 3] and seq_of(replayed) == 3
+        assert replayed.count(f'<article id="step-{step.pk}"') == 1
+        assert replayed.count('id="gnode-a" class="gnode gnode-pending"') == 1
 
         await append(run.pk, "run.totals", {"tokens": 10, "cost": "0.01"})
-        assert await received_seqs(communicator, 1) == [4]
+        assert await received_events(communicator, through=4) == [4]
         await communicator.send_to(text_data=json.dumps({"last_seq": 0}))  # ignored: once only
         await database_sync_to_async(events.publish_tokens)(run.pk, step.pk, "Hello <wor")
         assert await communicator.receive_from(TIMEOUT) == (
@@ -120,7 +134,7 @@ def test_reconnecting_with_last_seq_gets_exactly_the_missed_events_in_order(work
         first = socket(f"/ws/runs/{run.pk}/", alice)
         assert (await first.connect(TIMEOUT))[0]
         await first.send_to(text_data=json.dumps({"last_seq": 0}))
-        assert await received_seqs(first, 2) == [1, 2]
+        assert await received_events(first, through=2) == [1, 2]
         await first.disconnect()  # the tab lost its connection mid-run
 
         for _ in range(3):
@@ -129,10 +143,10 @@ def test_reconnecting_with_last_seq_gets_exactly_the_missed_events_in_order(work
         again = socket(f"/ws/runs/{run.pk}/", alice)
         assert (await again.connect(TIMEOUT))[0]
         await again.send_to(text_data=json.dumps({"last_seq": 2}))
-        assert await received_seqs(again, 3) == [3, 4, 5]
+        assert await received_events(again, through=5) == [3, 4, 5]
         assert await again.receive_nothing(0.3)
         await append(run.pk, "run.status", {"status": "succeeded"})
-        assert await received_seqs(again, 1) == [6]
+        assert await received_events(again, through=6) == [6]
         assert await again.receive_nothing(0.3)
         await again.disconnect()
 
@@ -148,7 +162,7 @@ def test_events_published_before_the_hello_arrive_once(workflow, alice):
         await append(run.pk, "run.created", {})  # published while the page has not said hello
         await append(run.pk, "run.status", {"status": "running"})
         await communicator.send_to(text_data=json.dumps({"last_seq": 0}))
-        assert await received_seqs(communicator, 2) == [1, 2]
+        assert await received_events(communicator, through=2) == [1, 2]
         assert await communicator.receive_nothing(0.5)
         await communicator.disconnect()
 
@@ -165,13 +179,13 @@ def test_out_of_order_and_repeated_publishes_still_deliver_each_event_once_in_or
         communicator = socket(f"/ws/runs/{run.pk}/", alice)
         assert (await communicator.connect(TIMEOUT))[0]
         await communicator.send_to(text_data=json.dumps({"last_seq": 0}))
-        assert await received_seqs(communicator, 1) == [1]
+        assert await received_events(communicator, through=1) == [1]
         second = await store_silently(run.pk, "run.status")
         third = await store_silently(run.pk, "run.totals")
-        await publish(third)  # arrives before the publish of seq 2
-        assert await received_seqs(communicator, 2) == [2, 3]
-        await publish(second)
-        await publish(third)
+        await publish([third])  # arrives before the publish of seq 2
+        assert await received_events(communicator, through=3) == [2, 3]
+        await publish([second])
+        await publish([third])
         assert await communicator.receive_nothing(0.5)
         await communicator.disconnect()
 
@@ -186,7 +200,7 @@ def test_a_bad_hello_replays_everything(workflow, alice):
         communicator = socket(f"/ws/runs/{run.pk}/", alice)
         assert (await communicator.connect(TIMEOUT))[0]
         await communicator.send_to(text_data="not json")
-        assert await received_seqs(communicator, 1) == [1]
+        assert await received_events(communicator, through=1) == [1]
         await communicator.disconnect()
 
     async_to_sync(scenario)()
