@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from approvals.models import ApprovalRequest
+from runs.costs import cap_request_figures
 from runs.events import APPROVALS_GROUP, append_event, publish_to_group
 from teams.models import Tool
 
@@ -150,6 +151,7 @@ def card_context(
         "live": live,
         "tool_name": tool_name,
         "proposed": {k: pretty(v) for k, v in payload.items() if k != "tool"},
+        "cap_figures": cap_request_figures(payload) if approval.kind == "budget" else [],
         "context_items": [(k, pretty(v)) for k, v in context.items()],
         "edit_key": key,
         "edit_text": edit_text,

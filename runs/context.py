@@ -45,11 +45,20 @@ class LeaseLost(StepInterrupt):
 
 
 class BudgetExceeded(StepInterrupt):
-    def __init__(self, message: str, limit: str, suggested_raise: Decimal | None = None):
+    """A budget or spend cap refused a call. `details`: the figures a budget approval shows."""
+
+    def __init__(
+        self,
+        message: str,
+        limit: str,
+        suggested_raise: Decimal | None = None,
+        details: dict | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.limit = limit
         self.suggested_raise = suggested_raise
+        self.details = details or {}
 
 
 class StepFailed(StepInterrupt):
@@ -149,6 +158,10 @@ class StepContext:
         self._last_stream = 0.0
         self.messages_log: list[dict] = []
 
+    @property
+    def made_tool_calls(self) -> bool:
+        return self._tool_index > 0
+
     # --- checks -----------------------------------------------------------------------------
 
     def check_alive(self) -> None:
@@ -177,9 +190,12 @@ class StepContext:
         index = self._llm_index
         self._llm_index += 1
         self.messages_log = messages
-        recorded = UsageRecord.objects.filter(
-            step=self.step, epoch=self.step.epoch, call_index=index
-        ).first()
+        # Only an earlier attempt can have recorded this call: the first one needs no lookup.
+        recorded = None
+        if self.step.attempt > 1:
+            recorded = UsageRecord.objects.filter(
+                step=self.step, epoch=self.step.epoch, call_index=index
+            ).first()
         if recorded is not None:
             return LLMReply(
                 recorded.response.get("text", ""),
@@ -201,7 +217,7 @@ class StepContext:
                 max_tokens=agent.max_tokens,
                 timeout=agent.timeout_s,
                 api_base=agent.api_base or None,
-                on_text=self._streamer() if stream else None,
+                on_text=self._streamer() if stream and events.is_watched(self.run.pk) else None,
             )
         except BaseException:
             self._release(estimate_cost, estimate_tokens)
@@ -319,18 +335,23 @@ class StepContext:
                     Decimal("0.0001")
                 ),
             )
-        try:
-            from runs import costs
+        from runs import costs
 
-            breach = costs.cap_breach(self.run.workflow, estimate_cost)
-        except ImportError:
-            breach = None
-        if breach:
+        # The workflow's and the global spend caps, past which approvals may let this run go.
+        breach = costs.cap_breach(
+            self.run.workflow, estimate_cost, allowances=costs.cap_allowances(budget)
+        )
+        if breach is not None:
             Run.objects.filter(pk=self.run.pk).update(
                 reserved_cost=F("reserved_cost") - estimate_cost,
                 reserved_tokens=F("reserved_tokens") - estimate_tokens,
             )
-            raise BudgetExceeded(breach, "spend_cap")
+            raise BudgetExceeded(
+                breach.message,
+                "spend_cap",
+                suggested_raise=breach.suggested_raise,
+                details=breach.figures(),
+            )
         return estimate_cost
 
     def _record_call(

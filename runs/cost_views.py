@@ -309,9 +309,7 @@ def _csv_response(user, filters: costs.ReportFilters, table: str) -> HttpRespons
         header = [grouping.title.lower(), *FIGURE_HEADERS]
         rows = [[row["label"], *_figures(row)] for row in costs.grouped(daily, grouping)]
     else:
-        found = costs.expensive_runs(
-            costs.filtered_runs(user, filters), max_anomalies=CSV_MAX_ANOMALIES
-        )
+        found = costs.expensive_runs(user, filters, max_anomalies=CSV_MAX_ANOMALIES)
         header = [
             "run_id",
             "workflow",

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from django.conf import settings
 from django.contrib import admin, messages
@@ -304,11 +304,10 @@ def grouped(daily: QuerySet, grouping: Grouping, limit: int | None = None) -> li
 
 
 def filtered_runs(user, filters: ReportFilters) -> QuerySet:
-    """The runs of the report: started in the range, visible to `user` (the same rule as
-    `Run.objects.for_user`, written without its member join so no DISTINCT is needed), narrowed
-    by the filters, and with at least one LLM call. A run's figures are its own totals, so a run
-    is judged as a whole; with an agent or model filter, the runs that used that agent or model.
-    """
+    """The runs of the report before its agent and model filters: started in the range, visible
+    to `user` (the same rule as `Run.objects.for_user`, written without its member join so no
+    DISTINCT is needed), narrowed by the workflow and user filters, and with at least one LLM
+    call. `expensive_runs` narrows them to the runs that called the filtered agent or model."""
     runs = Run.objects.filter(created_at__gte=filters.since, created_at__lt=filters.until)
     if not user.is_authenticated:
         return runs.none()
@@ -319,17 +318,44 @@ def filtered_runs(user, filters: ReportFilters) -> QuerySet:
         runs = runs.filter(workflow=filters.workflow)
     if filters.user is not None:
         runs = runs.filter(started_by=filters.user)
-    if filters.agent is not None or filters.model:
-        # A run's calls come after its creation: the lower bound keeps the subquery on the
-        # (agent, at) / (model, at) index, which includes run_id (an index-only scan). The one
-        # report part that still reads records in bulk: its cost grows with the calls matched.
-        calls = UsageRecord.objects.filter(at__gte=filters.since)
-        if filters.agent is not None:
-            calls = calls.filter(agent=filters.agent)
-        if filters.model:
-            calls = calls.filter(model=filters.model)
-        runs = runs.filter(pk__in=calls.values("run_id"))
     return runs.filter(Q(total_tokens__gt=0) | Q(cost__gt=0))
+
+
+def _report_runs_sql(runs_sql: str, filters: ReportFilters) -> tuple[str, list]:
+    """The `report_runs` CTE of `expensive_runs` (and the params it adds to `runs_sql`'s): the
+    runs of `runs_sql` (`filtered_runs`) or, with an agent or model filter, those of them that
+    made such a call.
+
+    Those are found on the (agent, run) or (model, run) index of the records, from the
+    smallest run id of the range on (ids grow with time), so the scan grows with the calls
+    made since then, not with all history. Read in index order, the run ids come sorted and
+    their repeats are dropped in one pass. The lower bound is a row comparison on the index's
+    two columns, so PostgreSQL plans it as that index's range whether the table is vacuumed
+    or not (with a plain `run_id >= ...`, whose value it cannot estimate, it walked the run_id
+    index and filtered every call).
+    """
+    cte_columns = "(run_id, workflow_id, spent, prompt, completion, tokens)"
+    keys = []
+    if filters.agent is not None:
+        keys.append(("agent_id", filters.agent.pk))
+    if filters.model:
+        keys.append(("model", filters.model))
+    if not keys:
+        return f"report_runs {cte_columns} AS ({runs_sql})", []
+    (column, value), *others = keys
+    condition = (
+        f"({column}, run_id) >= (%s, (SELECT MIN(run_id) FROM range_runs)) AND {column} = %s"
+    )
+    params = [value, value]
+    for other, other_value in others:
+        condition += f" AND {other} = %s"
+        params.append(other_value)
+    sql = (
+        f"range_runs {cte_columns} AS ({runs_sql}), report_runs AS (SELECT * FROM range_runs"
+        f" WHERE run_id IN (SELECT DISTINCT run_id FROM {_quoted(UsageRecord)}"
+        f" WHERE {condition}))"
+    )
+    return sql, params
 
 
 def _medians_sql() -> str:
@@ -354,10 +380,14 @@ def _medians_sql() -> str:
     return f"SELECT workflow_id, median, {ANOMALY_FACTOR} * median AS threshold FROM ({medians}) m"
 
 
-def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX_ANOMALIES) -> dict:
-    """The `top` most expensive runs and the anomalies, from one statement.
+def expensive_runs(
+    user, filters: ReportFilters, top: int = TOP_RUNS, max_anomalies: int = MAX_ANOMALIES
+) -> dict:
+    """The `top` most expensive runs and the anomalies of the report, from one statement.
 
-    1. report_runs: the runs of the report with their cost (from `filtered_runs`);
+    1. report_runs: the runs of the report with their cost (`filtered_runs`). With an agent or
+       model filter, only the runs among them that made such a call (`_report_runs_sql`): a
+       run's figures are its own totals, so a run is judged as a whole;
     2. medians: each workflow's median run cost over those same runs;
     3. the top runs by cost (a top-N sort of report_runs, then their medians), and the runs
        costing more than ANOMALY_FACTOR x their workflow's median, with the total number of
@@ -367,15 +397,16 @@ def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX
     Returns {"top": [...], "anomalies": [...], "anomaly_count": int}.
     """
     inner, params = (
-        runs.order_by()
+        filtered_runs(user, filters)
+        .order_by()
         .values("id", "workflow_id", "cost", "prompt_tokens", "completion_tokens", "total_tokens")
         .query.sql_with_params()
     )
+    report_runs, report_params = _report_runs_sql(inner, filters)
     columns = "run_id, workflow_id, spent, prompt, completion, tokens, median"
     run_columns = "r.run_id, r.workflow_id, r.spent, r.prompt, r.completion, r.tokens"
     sql = (
-        "WITH report_runs (run_id, workflow_id, spent, prompt, completion, tokens) AS "
-        f"({inner}), medians AS ({_medians_sql()}) "
+        f"WITH {report_runs}, medians AS ({_medians_sql()}) "
         f"SELECT 'top', {run_columns}, m.median, 0 FROM ("
         " SELECT * FROM report_runs ORDER BY spent DESC, run_id DESC LIMIT %s) r"
         " JOIN medians m ON m.workflow_id = r.workflow_id "
@@ -387,7 +418,7 @@ def expensive_runs(runs: QuerySet, top: int = TOP_RUNS, max_anomalies: int = MAX
         " ORDER BY r.spent DESC, r.run_id DESC LIMIT %s) a"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, (*params, top, max_anomalies))
+        cursor.execute(sql, (*params, *report_params, top, max_anomalies))
         # Most expensive first in each list (a join does not keep the order it was given).
         fetched = sorted(cursor.fetchall(), key=lambda row: (row[3], row[1]), reverse=True)
     names = ["list", *[c.strip() for c in columns.split(",")], "total"]
@@ -434,7 +465,7 @@ def build_report(user, filters: ReportFilters, table_limit: int = 50) -> dict:
                 cursor.execute("SET LOCAL work_mem = '32MB'")
         daily = filtered_daily_usage(user, filters)
         series = time_series(daily, filters)
-        runs = expensive_runs(filtered_runs(user, filters))
+        runs = expensive_runs(user, filters)
         tables = {
             name: grouped(daily, grouping, limit=table_limit + 1)
             for name, grouping in GROUPINGS.items()
@@ -465,7 +496,8 @@ def run_breakdown(run: Run) -> dict:
     """Cost and tokens of one run per step and per agent, and the share of its budget used.
 
     Returns {"run", "totals", "steps": [...], "agents": [...], "child_runs": [...],
-    "max_cost", "cost_share_pct", "max_tokens", "token_share_pct", "reserved"}: the
+    "max_cost", "cost_share_pct", "max_tokens", "token_share_pct", "reserved",
+    "cap_allowances": [(cap, amount approved past it)]}: the
     template `costs/_run_breakdown.html` renders it. Only the run's own LLM calls count; a
     subworkflow's calls belong to its child run, listed under "child_runs".
     """
@@ -539,6 +571,10 @@ def run_breakdown(run: Run) -> dict:
         "token_share_pct": _budget_share(totals["tokens"], max_tokens),
         "reserved": as_decimal(run.reserved_cost),
         "reserved_text": money(run.reserved_cost),
+        "cap_allowances": [
+            (key.replace("_", " ") + " cap", money(amount))
+            for key, amount in cap_allowances(budget).items()
+        ],
     }
 
 
@@ -668,12 +704,19 @@ class CapStatus:
     spent: Decimal
     in_flight: Decimal
     period_key: str  # "2025-03-14" or "2025-03": one warning email per cap per period
+    # How far approvals let the run being checked go past this cap (see `cap_breach`).
+    allowance: Decimal = ZERO
 
     @property
     def name(self) -> str:
         if self.workflow is None:
             return f"global {self.period} cap"
         return f"workflow {self.workflow.slug} {self.period} cap"
+
+    @property
+    def key(self) -> str:
+        """Which cap of a run's workflow this is: the key of a run's allowance past it."""
+        return f"{'global' if self.workflow is None else 'workflow'}_{self.period}"
 
     @property
     def used(self) -> Decimal:
@@ -697,11 +740,12 @@ class CapStatus:
         return text
 
     def breached_by(self, estimate: Decimal) -> bool:
-        return self.used + estimate > self.cap
+        return self.used + estimate > self.cap + self.allowance
 
     def breach_message(self, estimate: Decimal) -> str:
+        allowed = f" + {money(self.allowance)} approved for this run" if self.allowance else ""
         return (
-            f"{self.name} {money(self.cap)} would be exceeded: "
+            f"{self.name} {money(self.cap)}{allowed} would be exceeded: "
             f"{self._spent_phrase()} + {money(estimate)} estimated"
         )
 
@@ -757,10 +801,117 @@ def cap_statuses(workflow: Workflow, *, now: dt.datetime | None = None) -> list[
     return cap_statuses_for([workflow], now=now)
 
 
+CAP_KEYS = ("workflow_daily", "workflow_monthly", "global_monthly")
+RAISE_PLACES = Decimal("0.0001")
+
+
+@dataclass(frozen=True)
+class CapBreach:
+    """A cap that an LLM call would break: the refusal's message and, for the approval that
+    may let the run go past it, the figures and a suggested raise."""
+
+    status: CapStatus
+    estimate: Decimal
+
+    @property
+    def message(self) -> str:
+        return self.status.breach_message(self.estimate)
+
+    @property
+    def suggested_raise(self) -> Decimal:
+        """What lets this call through and about four more like it, rounded up to 1/100 cent."""
+        status = self.status
+        short = status.used + self.estimate - status.cap - status.allowance
+        return (short + 4 * self.estimate).quantize(RAISE_PLACES, rounding=ROUND_CEILING)
+
+    def figures(self) -> dict:
+        """The figures of an approval request, as JSON-safe strings."""
+        status = self.status
+        return {
+            "cap": status.key,
+            "cap_name": status.name,
+            "period": status.period_key,
+            "cap_amount": str(as_decimal(status.cap)),
+            "spent": str(status.spent),
+            "in_flight": str(status.in_flight),
+            "estimate": str(self.estimate),
+            "allowance": str(as_decimal(status.allowance)),
+        }
+
+
+def cap_allowances(budget: dict | None) -> dict[str, Decimal]:
+    """How far approvals let a run go past each cap: `run.budget["cap_allowance"]`, a mapping
+    of cap key (CAP_KEYS) to an amount. Anything unreadable (a hand-edited budget) counts as 0."""
+    stored = (budget or {}).get("cap_allowance")
+    if not isinstance(stored, dict):
+        return {}
+    allowances = {}
+    for key in CAP_KEYS:
+        try:
+            amount = Decimal(str(stored.get(key, "0")))
+        except (InvalidOperation, ValueError):
+            continue
+        if amount.is_finite() and amount > 0:
+            allowances[key] = amount
+    return allowances
+
+
+def grant_cap_allowance(budget: dict | None, key: str, amount: Decimal) -> dict:
+    """A copy of a run's budget whose allowance past cap `key` grew by `amount` (an approved
+    request's raise). The cap itself, a setting of its own, does not change."""
+    if key not in CAP_KEYS:
+        raise ValueError(f"not a spend cap: {key!r}")
+    allowances = cap_allowances(budget)
+    allowances[key] = allowances.get(key, ZERO) + amount
+    return {
+        **(budget or {}),
+        "cap_allowance": {name: str(value) for name, value in allowances.items()},
+    }
+
+
+def _amount(value) -> Decimal | None:
+    try:
+        amount = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    return amount if amount.is_finite() else None
+
+
+def cap_request_figures(payload) -> list[tuple[str, str]]:
+    """The figures of a spend-cap approval request (the payload `CapBreach.figures` filled, plus
+    the engine's `raise_by`) as (label, value) rows for the approval pages; [] for any other
+    request. A value that is not an amount (an edited payload) is shown as it is."""
+    if not isinstance(payload, dict) or payload.get("limit") != "spend_cap":
+        return []
+
+    def shown(name: str) -> str:
+        amount = _amount(payload.get(name))
+        return money(amount) if amount is not None else str(payload.get(name, "—"))
+
+    when = "today" if payload.get("cap", "").endswith("_daily") else "this month"
+    rows = [
+        ("Cap", f"{payload.get('cap_name', '—')}, period {payload.get('period', '—')} (UTC)"),
+        ("Cap amount", shown("cap_amount")),
+        (f"Spent {when}", shown("spent")),
+        ("Reserved for calls in flight", shown("in_flight")),
+        ("This call (estimate)", shown("estimate")),
+        ("Already approved for this run past the cap", shown("allowance")),
+        ("Suggested raise", shown("raise_by")),
+    ]
+    parts = [_amount(payload.get(name)) for name in ("cap_amount", "allowance", "raise_by")]
+    if None not in parts:
+        rows.append(("This run's limit on this cap once approved", money(sum(parts))))
+    return rows
+
+
 def cap_breach(
-    workflow: Workflow, estimate: Decimal, *, now: dt.datetime | None = None
-) -> str | None:
-    """Would an LLM call estimated at `estimate` break a spend cap? The message says which.
+    workflow: Workflow,
+    estimate: Decimal,
+    *,
+    allowances: dict[str, Decimal] | None = None,
+    now: dt.datetime | None = None,
+) -> CapBreach | None:
+    """Would an LLM call estimated at `estimate` break a spend cap? The breach says which.
 
     The engine calls it before every LLM call, *after* setting the estimate aside on its run
     (`Run.reserved_cost`, see runs/context.py), and releases the reservation when refused.
@@ -769,19 +920,25 @@ def cap_breach(
     1. sum the workflow's usage today and this month (UTC), and all usage this month for the
        global cap `settings.BATON_GLOBAL_MONTHLY_CAP`;
     2. add what active runs reserved for calls in flight, minus this call's own reservation;
-    3. return the first cap that `spent + in flight + estimate` would exceed, as a message with
-       the figures, or None;
+    3. return the first cap that `spent + in flight + estimate` would exceed, or None. A cap
+       counts as `cap + allowance`, where `allowances` (`cap_allowances(run.budget)`) are what
+       approvals granted the calling run: only that run may go past the cap, by that much;
     4. email staff (on commit) for caps at 80% or beyond and for a refused call, once per cap
        per period.
     """
     estimate = as_decimal(estimate)
+    allowances = allowances or {}
     statuses = [
-        replace(status, in_flight=max(status.in_flight - estimate, ZERO))
+        replace(
+            status,
+            in_flight=max(status.in_flight - estimate, ZERO),
+            allowance=allowances.get(status.key, ZERO),
+        )
         for status in cap_statuses(workflow, now=now)
     ]
     breached = [status for status in statuses if status.breached_by(estimate)]
     _queue_notices(statuses, breached)
-    return breached[0].breach_message(estimate) if breached else None
+    return CapBreach(breached[0], estimate) if breached else None
 
 
 def spend_warnings(workflow: Workflow, *, now: dt.datetime | None = None) -> list[str]:

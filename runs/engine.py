@@ -4,7 +4,7 @@ controls and human decisions. The database is the truth; a Celery message is onl
 A step's life:
 1. `_create_step` inserts it (pending) and rings the doorbell after commit.
 2. `execute_step` claims it with a compare-and-swap (pending, or running with an expired lease),
-   keeps the lease alive from a heartbeat thread, and runs the node function (runs/nodes.py)
+   keeps its lease alive (one lease thread per process) and runs the node function (runs/nodes.py)
    with no transaction open. LLM and tool calls are recorded as they happen (runs/context.py).
 3. The outcome is saved with a compare-and-swap on (status=running, attempt=ours), so a worker
    that lost its lease can never overwrite a newer attempt.
@@ -14,10 +14,13 @@ A step's life:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import random
 import threading
+import time
 from datetime import timedelta
 from decimal import Decimal
 
@@ -32,7 +35,7 @@ from django.db import (
     connection,
     transaction,
 )
-from django.db.models import F, Max, Q
+from django.db.models import Exists, F, Max, Q
 from django.utils import timezone
 
 from runs import events, nodes
@@ -111,7 +114,7 @@ def start_run(
     spec = version.get_spec()
     data = validate_input(spec, input)
     workflow = version.workflow
-    with transaction.atomic():
+    with _writing():
         run = Run.objects.create(
             workflow=workflow,
             version=version,
@@ -182,16 +185,15 @@ def execute_step(step_id: int) -> None:
     if step is None:
         return
     run = step.run
-    spec = run.version.get_spec()
+    spec = spec_of(run.version)
     node = node_map(spec)[step.node_id]
     ctx = StepContext(step, run, node, spec)
-    heartbeat = _Heartbeat(step)
-    heartbeat.start()
+    _leases.hold(step)
     try:
         try:
             text, output = nodes.EXECUTORS[node["kind"]](ctx)
         finally:
-            heartbeat.stop()
+            _leases.release(step)
     except WaitingForHuman as waiting:
         _save_waiting(ctx, str(waiting))
     except Cancelled:
@@ -216,6 +218,18 @@ def execute_step(step_id: int) -> None:
         _after_failure(ctx, "permanent", f"{type(exc).__name__}: {exc}")
     else:
         _after_success(ctx, text, output)
+
+
+def spec_of(version: WorkflowVersion) -> dict:
+    """A published version's spec (upgraded to the current schema), read and parsed once per
+    process: versions are immutable. Keyed by id and creation time, so a test database that
+    reuses ids never gets another version's spec. Callers must not modify it."""
+    return _cached_spec(version.pk, version.created_at)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_spec(version_id: int, created_at) -> dict:
+    return WorkflowVersion.objects.get(pk=version_id).get_spec()
 
 
 def _after_database_error(ctx: StepContext, exc: Exception) -> None:
@@ -250,6 +264,8 @@ def _claim(step_id: int) -> Step | None:
     step = (
         Step.objects.filter(pk=step_id)
         .select_related("run", "run__workflow", "run__version")
+        .defer("run__version__spec", "run__version__layout")  # spec_of() caches the spec
+        .annotate(stopped=Exists(Switch.objects.filter(name=STOP_EVERYTHING, on=True)))
         .first()
     )
     if step is None:
@@ -258,7 +274,7 @@ def _claim(step_id: int) -> Step | None:
     if run.status in Run.TERMINAL:
         Step.objects.filter(pk=step_id, status=Step.PENDING).update(status=Step.CANCELLED)
         return None
-    if run.status == Run.PAUSED or stop_everything_on():
+    if run.status == Run.PAUSED or step.stopped:
         return None  # resume rings the doorbell again
     if step.not_before and step.not_before > now:
         _enqueue_now(step_id, (step.not_before - now).total_seconds())
@@ -277,7 +293,7 @@ def _claim(step_id: int) -> Step | None:
         return None
     step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
     step.started_at = step.started_at or now
-    with transaction.atomic():
+    with _writing():
         started = []
         if run.status == Run.QUEUED and Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
             status=Run.RUNNING, started_at=now
@@ -296,37 +312,63 @@ def _enqueue_now(step_id: int, countdown: float | None = None) -> None:
     execute_step_task.apply_async((step_id,), countdown=countdown)
 
 
-class _Heartbeat:
-    """Renews a running step's lease every third of its length, from its own thread."""
+class _Leases:
+    """Renews the leases of every step running in this process, from one thread: every third
+    of the lease length, one UPDATE for all of them. A step is renewed only while its attempt
+    is still the running one, so a step taken over elsewhere is never kept alive from here."""
 
-    def __init__(self, step: Step):
-        self.step_id = step.pk
-        self.attempt = step.attempt
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
+    def __init__(self):
+        self._held: dict[int, int] = {}  # step id -> attempt
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def hold(self, step: Step) -> None:
+        with self._lock:
+            self._held[step.pk] = step.attempt
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._renew, name="baton-leases", daemon=True
+                )
+                self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def release(self, step: Step) -> None:
+        with self._lock:
+            self._held.pop(step.pk, None)
 
-    def _beat(self) -> None:
+    def _renew(self) -> None:
         lease = settings.BATON_STEP_LEASE_S
         try:
-            while not self._stop.wait(lease / 3):
+            while True:
+                time.sleep(lease / 3)
+                with self._lock:
+                    held = list(self._held.items())
+                    if not held:
+                        self._thread = None  # the next hold() starts a new thread
+                        return
+                mine = Q()
+                for step_id, attempt in held:
+                    mine |= Q(pk=step_id, attempt=attempt)
                 try:
-                    Step.objects.filter(
-                        pk=self.step_id, status=Step.RUNNING, attempt=self.attempt
-                    ).update(lease_until=timezone.now() + timedelta(seconds=lease))
+                    Step.objects.filter(mine, status=Step.RUNNING).update(
+                        lease_until=timezone.now() + timedelta(seconds=lease)
+                    )
                 except (OperationalError, InterfaceError):
-                    # A dropped connection must not end the heartbeat (the lease would run
-                    # out under a live step): the next beat opens a new one.
-                    log.warning("heartbeat of step %s failed", self.step_id, exc_info=True)
+                    # A dropped connection must not end the renewals (leases would run out
+                    # under live steps): the next round opens a new one.
+                    log.warning("renewing step leases failed", exc_info=True)
                     connection.close()
         finally:
             connection.close()
+
+
+_leases = _Leases()
+
+
+@contextlib.contextmanager
+def _writing():
+    """The engine's transaction: its events are written together when the block ends."""
+    with transaction.atomic(), events.appended_together():
+        yield
 
 
 def _lock_run(run_id: int) -> Run:
@@ -343,6 +385,8 @@ def _step_fields(ctx: StepContext) -> dict:
     data = dict(ctx.step.input)
     if ctx.messages_log:
         data["messages"] = storable(ctx.messages_log)
+    first_run = ctx.step.attempt == 1 and ctx.step.epoch == 0
+    calls = [] if first_run and not ctx.made_tool_calls else ToolCall.objects.filter(step=ctx.step)
     return {
         "input": data,
         "tool_calls": [
@@ -354,7 +398,7 @@ def _step_fields(ctx: StepContext) -> dict:
                 "error": c.error,
                 "status": c.status,
             }
-            for c in ToolCall.objects.filter(step=ctx.step).order_by("epoch", "call_index")
+            for c in sorted(calls, key=lambda c: (c.epoch, c.call_index))
         ],
         "agent": ctx.step.agent,
     }
@@ -395,7 +439,7 @@ def _save_outcome(
 
 
 def _save_waiting(ctx: StepContext, reason: str) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(ctx.run.pk)
         if not _mine(ctx).update(status=Step.WAITING, lease_until=None, **_step_fields(ctx)):
             return
@@ -411,7 +455,7 @@ def _save_waiting(ctx: StepContext, reason: str) -> None:
 
 
 def _after_success(ctx: StepContext, text: str, output) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(ctx.run.pk)
         if not _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
             return
@@ -460,7 +504,7 @@ def _retry_or_fail(ctx: StepContext, message: str) -> None:
 
 def _retry_later(ctx: StepContext, delay: float, message: str, **fields) -> None:
     """Put our step back to pending and ring the doorbell again after `delay` seconds."""
-    with transaction.atomic():
+    with _writing():
         _lock_run(ctx.run.pk)
         if not _mine(ctx).update(
             status=Step.PENDING,
@@ -514,7 +558,7 @@ def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
         else:
             _save_waiting(ctx, message)
             return
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(ctx.run.pk)
         Step.objects.filter(pk=ctx.step.pk).update(attempts=attempts)
         if not _save_outcome(ctx, Step.FAILED, error_kind=kind, error=message):
@@ -523,7 +567,7 @@ def _after_failure(ctx: StepContext, kind: str, message: str) -> None:
 
 
 def _after_rejection(ctx: StepContext, reason: str) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(ctx.run.pk)
         if not _save_outcome(
             ctx,
@@ -543,23 +587,34 @@ def _after_budget_breach(ctx: StepContext, breach: BudgetExceeded) -> None:
         and not ctx.step.input.get("budget_asked")
     ):
         ctx.step.input["budget_asked"] = True
+        if breach.limit == "spend_cap":
+            # The figures of the cap (which one, spend, cap, allowance so far): approving
+            # lets this run go past it by `raise_by`; the cap itself stays as it is.
+            title = f"Let run {ctx.run.pk} go past the {breach.details['cap_name']}?"
+            figures = breach.details
+        else:
+            title = f"Raise the {breach.limit} budget of run {ctx.run.pk}?"
+            figures = {"budget": ctx.run.budget}
         try:
-            ctx.ask_human(
-                "budget",
-                f"Raise the {breach.limit} budget of run {ctx.run.pk}?",
-                {
-                    "limit": breach.limit,
-                    "raise_by": str(breach.suggested_raise),
-                    "message": breach.message,
-                    "budget": ctx.run.budget,
-                },
-            )
+            # The request and the step's waiting status commit together: a decision made in
+            # between would find the step still running and be dropped, leaving it waiting.
+            with _writing():
+                ctx.ask_human(
+                    "budget",
+                    title,
+                    {
+                        "limit": breach.limit,
+                        "raise_by": str(breach.suggested_raise),
+                        "message": breach.message,
+                        **figures,
+                    },
+                )
+                _save_waiting(ctx, breach.message)
         except RuntimeError:
             pass
         else:
-            _save_waiting(ctx, breach.message)
             return
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(ctx.run.pk)
         if not _save_outcome(ctx, Step.FAILED, error_kind="permanent", error=breach.message):
             return
@@ -722,15 +777,12 @@ def _join_after(spec: dict, parallel_id: str) -> dict | None:
 
 
 def _finish_if_idle(run: Run, spec: dict) -> None:
-    steps = Step.objects.filter(run=run)
-    if steps.filter(status__in=(Step.PENDING, Step.RUNNING)).exists():
-        _refresh_status(run)
+    open_steps = _open_steps(run)
+    # Anything but a join waiting for branches keeps the run going.
+    if any(status != Step.WAITING or kind != "join" for status, kind in open_steps):
+        _refresh_status(run, open_steps)
         return
-    waiting = steps.filter(status=Step.WAITING)
-    if waiting.exclude(kind="join").exists():
-        _refresh_status(run)
-        return
-    stuck = waiting.filter(kind="join").first()
+    stuck = Step.objects.filter(run=run, status=Step.WAITING, kind="join").first()
     if stuck is not None:
         missing = [b for b in stuck.input.get("expected", []) if b not in stuck.arrivals]
         _finish_run(
@@ -739,7 +791,9 @@ def _finish_if_idle(run: Run, spec: dict) -> None:
             f"join {stuck.node_id} can never complete: no branch left for {', '.join(missing)}",
         )
         return
-    last = steps.filter(status=Step.SUCCEEDED).order_by("-finished_at", "-id").first()
+    last = (
+        Step.objects.filter(run=run, status=Step.SUCCEEDED).order_by("-finished_at", "-id").first()
+    )
     run.refresh_from_db(fields=["state"])
     if last is None:
         result = None
@@ -750,13 +804,26 @@ def _finish_if_idle(run: Run, spec: dict) -> None:
     _finish_run(run, Run.SUCCEEDED, "", result=result)
 
 
-def _refresh_status(run: Run) -> None:
+def _open_steps(run: Run) -> list[tuple[str, str]]:
+    """(status, kind) of the run's pending, running and waiting steps, in one query."""
+    return list(
+        Step.objects.filter(
+            run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)
+        ).values_list("status", "kind")
+    )
+
+
+def _refresh_status(run: Run, open_steps: list[tuple[str, str]] | None = None) -> None:
+    """Running while any step is pending or running; else waiting on whatever step waits
+    (a join waiting for its branches does not count)."""
     if run.status not in (Run.RUNNING, Run.WAITING_APPROVAL, Run.QUEUED):
         return
-    waiting = Step.objects.filter(run=run, status=Step.WAITING).exclude(kind="join")
-    busy = Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING)).exists()
-    if waiting.exists() and not busy:
-        blocked = "sub-workflow" if waiting.filter(kind="subworkflow").exists() else "approval"
+    if open_steps is None:
+        open_steps = _open_steps(run)
+    busy = any(status != Step.WAITING for status, _ in open_steps)
+    waiting = {kind for status, kind in open_steps if status == Step.WAITING and kind != "join"}
+    if waiting and not busy:
+        blocked = "sub-workflow" if "subworkflow" in waiting else "approval"
         _set_status(
             run, Run.WAITING_APPROVAL if blocked == "approval" else Run.RUNNING, blocked_on=blocked
         )
@@ -851,13 +918,22 @@ def apply_decision(request, *, approved: bool, payload: dict | None, comment: st
         _advance(run, spec, step, outcome="success")
         return
     elif request.kind == "budget":
+        from runs import costs
+
+        decided = payload or request.payload
+        limit = decided.get("limit", "max_cost")
         if not approved:
-            _finish_run(run, Run.BUDGET_EXCEEDED, f"budget raise rejected: {comment}")
+            if limit == "spend_cap":
+                reason = f"{decided.get('message', 'spend cap reached')}; going past the cap"
+            else:
+                reason = "budget raise"
+            _finish_run(run, Run.BUDGET_EXCEEDED, f"{reason} rejected: {comment}")
             return
-        raise_by = Decimal(str((payload or request.payload).get("raise_by", "0")))
-        limit = (payload or request.payload).get("limit", "max_cost")
+        raise_by = Decimal(str(decided.get("raise_by", "0")))
         budget = dict(run.budget)
-        if limit == "max_tokens":
+        if limit == "spend_cap":
+            budget = costs.grant_cap_allowance(budget, decided.get("cap", ""), raise_by)
+        elif limit == "max_tokens":
             budget["max_tokens"] = int(budget.get("max_tokens") or 0) + int(raise_by)
         else:
             budget["max_cost"] = str(Decimal(str(budget.get("max_cost") or 0)) + raise_by)
@@ -902,7 +978,7 @@ def _audit(run: Run, action: str, user) -> None:
 
 
 def cancel_run(run: Run, user) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(run.pk)
         if not can_cancel(run):
             raise RunControlError(f"A {run.get_status_display().lower()} run cannot be cancelled.")
@@ -912,7 +988,7 @@ def cancel_run(run: Run, user) -> None:
 
 
 def pause_run(run: Run, user) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(run.pk)
         if not can_pause(run):
             raise RunControlError(f"A {run.get_status_display().lower()} run cannot be paused.")
@@ -921,7 +997,7 @@ def pause_run(run: Run, user) -> None:
 
 
 def resume_run(run: Run, user) -> None:
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(run.pk)
         if not can_resume(run):
             raise RunControlError("Only a paused run can be resumed.")
@@ -937,7 +1013,7 @@ def resume_run(run: Run, user) -> None:
 
 def retry_run(run: Run, user) -> None:
     """Run the failed (and cancelled) steps again, with fresh LLM calls, and carry on."""
-    with transaction.atomic():
+    with _writing():
         run = _lock_run(run.pk)
         if not can_retry(run):
             raise RunControlError("Only a failed, cancelled or over-budget run can be retried.")
@@ -978,7 +1054,7 @@ def fork_run(step: Step, user, *, input: dict | None = None, overrides: dict | N
     source = step.run
     spec = source.version.get_spec()
     data = validate_input(spec, source.input if input is None else input)
-    with transaction.atomic():
+    with _writing():
         run = Run.objects.create(
             workflow=source.workflow,
             version=source.version,
@@ -1032,7 +1108,7 @@ def stop_everything_on() -> bool:
 def set_stop_everything(on: bool, user) -> int:
     """The global stop switch: on pauses every active run at once. Returns how many paused."""
     paused = 0
-    with transaction.atomic():
+    with _writing():
         Switch.objects.update_or_create(
             name=STOP_EVERYTHING,
             defaults={"on": on, "changed_by": user if getattr(user, "pk", None) else None},
@@ -1066,7 +1142,7 @@ def sweep_stuck_steps() -> dict:
         :500
     ]:
         if step.attempt >= MAX_CLAIMS:
-            with transaction.atomic():
+            with _writing():
                 run = _lock_run(step.run_id)
                 if Step.objects.filter(pk=step.pk, status=Step.RUNNING, lease_until__lt=now).update(
                     status=Step.FAILED,
@@ -1097,7 +1173,7 @@ def sweep_stuck_steps() -> dict:
     )[:500]:
         wall = (run.budget or {}).get("max_wall_s")
         if wall and (now - run.started_at).total_seconds() > wall:
-            with transaction.atomic():
+            with _writing():
                 locked = _lock_run(run.pk)
                 _finish_run(locked, Run.BUDGET_EXCEEDED, f"run wall-clock limit of {wall}s reached")
                 over_time += 1
@@ -1125,7 +1201,7 @@ def _time_out_branches(now) -> int:
             continue
         if (now - fan_out.finished_at).total_seconds() <= timeout:
             continue
-        with transaction.atomic():
+        with _writing():
             run = _lock_run(join_step.run_id)
             locked = Step.objects.select_for_update().get(pk=join_step.pk)
             if locked.status != Step.WAITING:
@@ -1153,7 +1229,6 @@ def _cancel_branch(run: Run, frame: list, branch: str, now) -> None:
 
 def wait_for(run: Run, timeout_s: float = 60.0, poll_s: float = 0.1) -> Run:
     """Block until a run is terminal (or waiting for a human). For the CLI and tests."""
-    import time
 
     deadline = time.monotonic() + timeout_s
     while True:

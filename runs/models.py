@@ -306,13 +306,15 @@ class UsageRecord(models.Model):
             )
         ]
         # The cost reports and spend caps sum UsageDaily, not these rows. Records are read by
-        # time range (rollup rebuilds) and, for the reports' runs filtered by agent or model,
-        # as the runs that made such calls: `run` is included so PostgreSQL answers that from
-        # the index alone (SQLite ignores `include`). The foreign keys have their own indexes.
+        # time range (rollup rebuilds), by model and time range (repricing) and, for the
+        # reports' runs filtered by agent or model, as the runs that made such calls: the
+        # (agent, run) / (model, run) indexes list those run ids in order, each repeat stored
+        # once (btree deduplication). The foreign keys have their own indexes.
         indexes = [
             models.Index(fields=["at"], name="usage_at_idx"),
-            models.Index(fields=["agent", "at"], include=["run"], name="usage_agent_at_idx"),
-            models.Index(fields=["model", "at"], include=["run"], name="usage_model_at_idx"),
+            models.Index(fields=["model", "at"], name="usage_model_at_idx"),
+            models.Index(fields=["agent", "run"], name="usage_agent_run_idx"),
+            models.Index(fields=["model", "run"], name="usage_model_run_idx"),
         ]
 
     def __str__(self) -> str:

@@ -37,7 +37,7 @@ def test_daily_cap_counts_today_only(demo, run, agent):
     make_usage(run, agent, "0.98", when=at(3, 15, 0, 0, 0))
 
     assert costs.cap_breach(demo, D("0.02"), now=NOW) is None
-    assert costs.cap_breach(demo, D("0.03"), now=NOW) == (
+    assert costs.cap_breach(demo, D("0.03"), now=NOW).message == (
         "workflow demo-pipeline daily cap $1.00 would be exceeded: "
         "$0.98 spent today + $0.03 estimated"
     )
@@ -50,7 +50,7 @@ def test_monthly_cap_counts_this_utc_month(demo, run, agent):
     make_usage(run, agent, "0.40", when=NOW)
 
     assert costs.cap_breach(demo, D("0.10"), now=NOW) is None
-    assert costs.cap_breach(demo, D("0.20"), now=NOW) == (
+    assert costs.cap_breach(demo, D("0.20"), now=NOW).message == (
         "workflow demo-pipeline monthly cap $10.00 would be exceeded: "
         "$9.90 spent this month + $0.20 estimated"
     )
@@ -63,7 +63,7 @@ def test_monthly_cap_sees_new_spend_of_today_after_caching_the_past_days(demo, r
 
     make_usage(run, agent, "0.60", when=NOW)
 
-    assert "$9.60 spent this month" in costs.cap_breach(demo, D("0.50"), now=NOW)
+    assert "$9.60 spent this month" in costs.cap_breach(demo, D("0.50"), now=NOW).message
 
 
 def test_global_cap_counts_every_workflow(settings, demo, run, agent, bob):
@@ -76,7 +76,7 @@ def test_global_cap_counts_every_workflow(settings, demo, run, agent, bob):
     settings.BATON_GLOBAL_MONTHLY_CAP = D("20")
 
     assert costs.cap_breach(demo, D("0.05"), now=NOW) is None
-    assert costs.cap_breach(demo, D("0.10"), now=NOW) == (
+    assert costs.cap_breach(demo, D("0.10"), now=NOW).message == (
         "global monthly cap $20.00 would be exceeded: $19.95 spent this month + $0.10 estimated"
     )
 
@@ -91,7 +91,7 @@ def test_calls_in_flight_count_but_not_the_callers_own_reservation(demo, run, ag
 
     assert costs.cap_breach(demo, D("0.30"), now=NOW) is None
     Run.objects.filter(pk=run.pk).update(reserved_cost=D("0.31"))
-    assert costs.cap_breach(demo, D("0.31"), now=NOW) == (
+    assert costs.cap_breach(demo, D("0.31"), now=NOW).message == (
         "workflow demo-pipeline daily cap $1.00 would be exceeded: "
         "$0.30 spent today + $0.40 in flight + $0.31 estimated"
     )
@@ -181,7 +181,119 @@ def test_a_zero_cap_refuses_paid_calls_only(demo, run):
     demo.daily_cost_cap = D("0")
 
     assert costs.cap_breach(demo, D("0"), now=NOW) is None
-    assert costs.cap_breach(demo, D("0.0001"), now=NOW) == (
+    assert costs.cap_breach(demo, D("0.0001"), now=NOW).message == (
         "workflow demo-pipeline daily cap $0.00 would be exceeded: "
         "$0.00 spent today + $0.0001 estimated"
     )
+
+
+def test_an_allowance_lets_its_run_past_that_cap_only_and_only_by_that_much(demo, run, agent):
+    demo.daily_cost_cap = D("1.00")
+    demo.monthly_cost_cap = D("2.00")
+    make_usage(run, agent, "0.92", when=at(3, 2))
+    make_usage(run, agent, "0.98", when=NOW)
+    allowances = {"workflow_daily": D("0.10")}
+
+    assert costs.cap_breach(demo, D("0.03"), now=NOW).status.key == "workflow_daily"
+    assert costs.cap_breach(demo, D("0.10"), allowances=allowances, now=NOW) is None
+    daily = costs.cap_breach(demo, D("0.13"), allowances=allowances, now=NOW)
+    assert daily.message == (
+        "workflow demo-pipeline daily cap $1.00 + $0.10 approved for this run would be "
+        "exceeded: $0.98 spent today + $0.13 estimated"
+    )
+    # The daily allowance does not lift the monthly cap ($1.90 spent this month).
+    monthly = costs.cap_breach(demo, D("0.11"), allowances=allowances, now=NOW)
+    assert monthly.status.key == "workflow_monthly"
+    assert monthly.message == (
+        "workflow demo-pipeline monthly cap $2.00 would be exceeded: "
+        "$1.90 spent this month + $0.11 estimated"
+    )
+
+
+def test_an_allowance_past_the_global_cap_does_not_lift_the_workflow_caps(
+    settings, demo, run, agent
+):
+    settings.BATON_GLOBAL_MONTHLY_CAP = D("1.00")
+    demo.daily_cost_cap = D("1.50")
+    make_usage(run, agent, "1.00", when=NOW)
+    allowances = {"global_monthly": D("5")}
+
+    assert costs.cap_breach(demo, D("0.50"), allowances=allowances, now=NOW) is None
+    breach = costs.cap_breach(demo, D("0.60"), allowances=allowances, now=NOW)
+    assert breach.status.key == "workflow_daily"
+
+
+def test_a_breach_carries_the_figures_and_a_raise_for_this_call_and_four_more(
+    demo, run, agent, alice
+):
+    demo.daily_cost_cap = D("1.00")
+    make_usage(run, agent, "0.95", when=NOW)
+    make_run(demo, alice, status=Run.RUNNING, reserved_cost=D("0.05"))
+    Run.objects.filter(pk=run.pk).update(reserved_cost=D("0.03"))
+
+    breach = costs.cap_breach(demo, D("0.03"), allowances={"workflow_daily": D("0.01")}, now=NOW)
+
+    # 0.95 spent + 0.05 in flight + 0.03 estimated - 1.00 cap - 0.01 allowed = 0.02 short.
+    assert breach.suggested_raise == D("0.02") + 4 * D("0.03")
+    assert breach.figures() == {
+        "cap": "workflow_daily",
+        "cap_name": "workflow demo-pipeline daily cap",
+        "period": "2025-03-15",
+        "cap_amount": "1.00000000",
+        "spent": "0.95000000",
+        "in_flight": "0.05000000",
+        "estimate": "0.03000000",
+        "allowance": "0.01000000",
+    }
+    # 0.03 short + 4 x 0.00000003, rounded up.
+    assert costs.cap_breach(demo, D("0.00000003"), now=NOW).suggested_raise == D("0.0301")
+
+
+def test_allowances_accumulate_per_cap_and_unreadable_ones_count_as_nothing():
+    budget = {"max_cost": "1", "cap_allowance": {"workflow_daily": "0.25"}}
+
+    budget = costs.grant_cap_allowance(budget, "workflow_daily", D("0.50"))
+    budget = costs.grant_cap_allowance(budget, "global_monthly", D("2"))
+
+    assert budget == {
+        "max_cost": "1",
+        "cap_allowance": {"workflow_daily": "0.75", "global_monthly": "2"},
+    }
+    assert costs.cap_allowances(budget) == {"workflow_daily": D("0.75"), "global_monthly": D(2)}
+    junk = {"workflow_daily": "lots", "workflow_monthly": "NaN", "global_monthly": "-3", "x": "1"}
+    assert costs.cap_allowances({"cap_allowance": junk}) == {}
+    assert costs.cap_allowances({"cap_allowance": "5"}) == {}
+    assert costs.cap_allowances(None) == {}
+    with pytest.raises(ValueError, match="not a spend cap"):
+        costs.grant_cap_allowance(budget, "max_cost", D(1))
+
+
+def test_cap_request_figures_show_amounts_and_leave_other_text_as_it_is():
+    payload = {
+        "limit": "spend_cap",
+        "cap": "workflow_monthly",
+        "cap_name": "workflow demo monthly cap",
+        "period": "2025-03",
+        "cap_amount": "20.00000000",
+        "spent": "19.99",
+        "in_flight": "0",
+        "estimate": "0.0016",
+        "allowance": "1.5",
+        "raise_by": "<b>lots</b>",
+    }
+
+    rows = dict(costs.cap_request_figures(payload))
+
+    assert rows["Cap"] == "workflow demo monthly cap, period 2025-03 (UTC)"
+    assert rows["Spent this month"] == "$19.99"
+    assert rows["This call (estimate)"] == "$0.0016"
+    assert rows["Already approved for this run past the cap"] == "$1.50"
+    assert rows["Suggested raise"] == "<b>lots</b>"  # escaped by the template
+    assert "This run's limit on this cap once approved" not in rows
+    payload["raise_by"] = "0.5"
+    assert (
+        dict(costs.cap_request_figures(payload))["This run's limit on this cap once approved"]
+        == "$22.00"
+    )
+    assert costs.cap_request_figures({"limit": "max_cost", "raise_by": "1"}) == []
+    assert costs.cap_request_figures(["not", "a", "dict"]) == []

@@ -198,3 +198,25 @@ def test_medians_are_per_workflow(alice, world):
     flagged = {row["run_id"] for row in report_for(alice)["anomalies"]}
 
     assert flagged == {world["runs"][2].pk}
+
+
+def test_agent_and_model_filters_list_the_runs_that_called_them_at_their_whole_cost(alice, world):
+    r1, r2, r3, _ = world["runs"]
+    earlier = make_run(world["alpha"], alice)  # February: outside the range
+    make_usage(earlier, world["writer"], "9.00", 100, 10, 0, at(2, 27))
+
+    by_model = report_for(alice, model="openai/gpt-4o-mini")
+    by_agent = report_for(alice, agent=world["critic"])
+    both = report_for(alice, agent=world["critic"], model="openai/gpt-4o-mini")
+
+    # r1 called gpt-4o-mini (writer, 0.10) and claude (critic, 0.30): it counts whole, 0.40.
+    assert [(row["run_id"], row["spent"]) for row in by_model["top_runs"]] == [
+        (r1.pk, D("0.40")),
+        (r2.pk, D("0.05")),
+    ]
+    assert {row["median"] for row in by_model["top_runs"]} == {D("0.225")}
+    assert [(row["run_id"], row["spent"]) for row in by_agent["top_runs"]] == [
+        (r3.pk, D("1.20")),
+        (r1.pk, D("0.40")),
+    ]
+    assert both["top_runs"] == [] and both["anomalies"] == []
