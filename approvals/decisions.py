@@ -78,7 +78,20 @@ def decider_for(user) -> Callable[[ApprovalRequest], bool]:
     if user.is_superuser:
         return lambda approval: True
     ids = set(user.groups.values_list("id", flat=True))
-    return lambda approval: not approval.approver_group_id or approval.approver_group_id in ids
+
+    def may_decide(approval: ApprovalRequest) -> bool:
+        if spends_past_the_global_cap(approval) and not user.is_staff:
+            return False
+        return not approval.approver_group_id or approval.approver_group_id in ids
+
+    return may_decide
+
+
+def spends_past_the_global_cap(approval: ApprovalRequest) -> bool:
+    """A request to let a run go past the global monthly cap spends everybody's money: staff
+    decide it, whatever the workflow's approver group."""
+    payload = approval.payload if isinstance(approval.payload, dict) else {}
+    return approval.kind == "budget" and payload.get("cap") == "global_monthly"
 
 
 def can_decide(user, approval: ApprovalRequest) -> bool:

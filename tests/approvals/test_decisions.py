@@ -233,6 +233,28 @@ def test_budget_request_is_decided_the_same_way_and_raises_the_budget(
     assert event.payload["diff"][0]["new"] == "0.75"
 
 
+def test_only_staff_let_a_run_go_past_the_global_cap(make_paused_run, deciders, alice):
+    run, _, approval = make_paused_run(
+        kind="budget",
+        node_id="gate",
+        payload={
+            "limit": "spend_cap",
+            "cap": "global_monthly",
+            "raise_by": "2.00",
+            "message": "global monthly cap $10.00 would be exceeded",
+        },
+    )
+    with pytest.raises(PermissionDenied):
+        decide_approval(approval.pk, alice, approve=True)
+
+    alice.is_staff = True
+    alice.save(update_fields=["is_staff"])
+    decide_approval(approval.pk, alice, approve=True)
+
+    run.refresh_from_db()
+    assert run.budget["cap_allowance"] == {"global_monthly": "2.00"}
+
+
 def test_deciding_on_a_run_that_ended_cancels_the_request(make_paused_run, deciders, alice):
     run, _, approval = make_paused_run()
     engine.cancel_run(run, alice)
