@@ -12,6 +12,7 @@ publishers skipped was committed before they asked, hence before the replay read
 
 import asyncio
 import json
+import logging
 import time
 
 from asgiref.sync import sync_to_async
@@ -23,6 +24,8 @@ from django.http import QueryDict
 from runs import events, fragments
 from runs.forms import RunFilterForm
 from runs.models import Run, RunEvent
+
+log = logging.getLogger(__name__)
 
 REPLAY_BATCH = 200
 
@@ -65,7 +68,14 @@ class _WatchingConsumer(AsyncWebsocketConsumer):
     async def _refresh(self, group: str) -> None:
         while True:
             await asyncio.sleep(events.WATCH_REFRESH_S)
-            await sync_to_async(events.watch, thread_sensitive=False)(group, self.channel_name)
+            try:
+                await sync_to_async(events.watch, thread_sensitive=False)(group, self.channel_name)
+                await self.catch_up()
+            except Exception:  # Redis or the database away: the next round tries again
+                log.warning("refreshing the watch of %s failed", group, exc_info=True)
+
+    async def catch_up(self) -> None:
+        """Every refresh: send what the live messages missed (none by default)."""
 
 
 class RunConsumer(_WatchingConsumer):
@@ -132,6 +142,22 @@ class RunConsumer(_WatchingConsumer):
     async def run_stream(self, message: dict) -> None:
         if self.sent is not None:
             await self.send(text_data=message["html"])
+
+    async def catch_up(self) -> None:
+        """Pub/sub delivers at most once, and after a Redis restart nobody counts as watching
+        until the next refresh, so publishers skip the run: a missed message at the end of a
+        run would leave the page stale with no later message to reveal the gap. So every
+        refresh compares the run's last stored seq with what was sent and sends the rest."""
+        async with self.lock:
+            if self.sent is None:
+                return
+            stored = await database_sync_to_async(self._last_stored_seq)()
+            if stored > self.sent:
+                await self._send_stored(after=self.sent, up_to=stored)
+                await self._send_held()
+
+    def _last_stored_seq(self) -> int:
+        return Run.objects.values_list("last_seq", flat=True).get(pk=self.run_id)
 
     async def _send_held(self) -> None:
         """Send the held messages that continue what was sent, in seq order; keep the rest

@@ -39,8 +39,10 @@ def run_group(run_id: int) -> str:
 # A sorted set per group in Redis: the channel names of the consumers on it, scored by when they
 # last said so. Consumers add themselves on connect, refresh every WATCH_REFRESH_S and remove
 # themselves on disconnect; an entry older than WATCH_EXPIRY_S is ignored, so a Daphne that died
-# without disconnecting its consumers keeps a group watched for a few minutes at most.
-WATCH_REFRESH_S = 60
+# without disconnecting its consumers keeps a group watched for a few seconds at most. Redis
+# keeps nothing on disk: after a restart the sets are empty until the next refresh, and what
+# was skipped meanwhile the run pages catch up from the log at that refresh (runs/consumers.py).
+WATCH_REFRESH_S = 5
 WATCH_EXPIRY_S = 3 * WATCH_REFRESH_S
 # Only "watched" is remembered, briefly: a stale "unwatched" could skip the events a page that
 # has just connected replays from the log, a stale "watched" only renders for nobody.

@@ -39,7 +39,9 @@ WORKFLOW_SLUG = "chaos-fan-out"
 EXPECTED_NODES = {"plan", "fan", "research", "publish", "notify", "join", "summary"}
 SIDE_EFFECTS_PER_RUN = 2  # the publisher agent's one tool call + the notify tool node
 LLM_CALLS_PER_RUN = 5  # plan, research, publish (asks for the tool, then answers), summary
-_SEQ = re.compile(r'id="run-seq" data-seq="(\d+)"')
+# Every event a live message carries has its line in the activity log (one message may carry
+# several consecutive events; the seq marker only names the last).
+_SEQ = re.compile(r'<li id="ev-(\d+)"')
 
 
 @dataclass

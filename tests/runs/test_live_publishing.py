@@ -389,3 +389,27 @@ def test_a_batch_costs_the_queries_of_one_event(workflow, alice):
         html = fragments.render_events(stored)
     assert event_lines(html) == [e.seq for e in stored]
     assert len(all_of_them) == len(one) == 4
+
+
+def test_a_page_finds_at_its_next_refresh_the_events_no_message_announced(
+    workflow, alice, monkeypatch
+):
+    """Pub/sub delivers at most once, and after a Redis restart nobody counts as watching until
+    the pages refresh: a run's last events can be stored and never published, with no later
+    message to reveal the gap. Each refresh compares the stored seq with what was sent."""
+    monkeypatch.setattr(events, "WATCH_REFRESH_S", 0.2)
+    run = make_run(workflow, alice)
+    events.append_event(run.pk, "run.created", {})
+    events.flush()
+
+    async def scenario():
+        page = socket(f"/ws/runs/{run.pk}/", alice)
+        assert (await page.connect(TIMEOUT))[0]
+        await page.send_to(text_data=json.dumps({"last_seq": 0}))
+        assert await received_events(page, through=1) == [1]
+        await store_silently(run.pk, "run.status", {"status": "succeeded"})
+        assert await received_events(page, through=2) == [2]
+        assert await page.receive_nothing(0.6)
+        await page.disconnect()
+
+    async_to_sync(scenario)()
