@@ -237,33 +237,21 @@ class Stack:
         A Celery worker prints every thread's stack to its log on SIGUSR1 (its "cry"
         handler): `dump_worker_stacks` uses that to show what a stalled worker is stuck on.
         """
+        from orchestrator_site.celery import worker_command
+
         queue = self.env["BATON_REDIS_PREFIX"] + "-steps"
         for index in range(1, self.config.workers + 1):
             hostname = f"bench{index}-{self.run_id}@{socket.gethostname()}"
             self.workers.append(
                 self._spawn(
                     f"worker{index}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "orchestrator_site",
-                        "worker",
-                        "--pool",
-                        "threads",
-                        "--concurrency",
-                        str(self.config.concurrency),
-                        "--hostname",
-                        hostname,
-                        "--queues",
+                    worker_command(
+                        self.config.concurrency,
                         queue,
-                        "--without-gossip",
-                        "--without-mingle",
-                        "--without-heartbeat",
-                        "--loglevel",
-                        "WARNING",
-                    ],
+                        hostname=hostname,
+                        loglevel="WARNING",
+                        extra=["--without-gossip", "--without-mingle", "--without-heartbeat"],
+                    ),
                 )
             )
 

@@ -8,12 +8,13 @@ data: mark them `transactional_db` (or use `live_server`).
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+
+from orchestrator_site.celery import worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,26 +38,12 @@ class WorkerProcess:
             **self.extra_env,
         }
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "orchestrator_site",
-                "worker",
-                "--pool",
-                "threads",
-                "--concurrency",
-                str(self.concurrency),
-                "--hostname",
-                f"{self.name}-{settings.TEST_ID}@%h",
-                "--queues",
+            worker_command(
+                self.concurrency,
                 settings.CELERY_TASK_DEFAULT_QUEUE,
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ],
+                hostname=f"{self.name}-{settings.TEST_ID}@%h",
+                extra=["--without-gossip", "--without-mingle"],
+            ),
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -248,31 +248,19 @@ class Stack:
 
     def start_processes(self, *, workers: int, concurrency: int, queue: str) -> None:
         """Start the workers and beat in parallel (each boots Django and LiteLLM, slowly)."""
+        from orchestrator_site.celery import worker_command
+
         for index in range(1, workers + 1):
             name = f"w{index}"
             self.workers.append(
                 Service(
                     name,
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "orchestrator_site",
-                        "worker",
-                        "--pool",
-                        "threads",
-                        "--concurrency",
-                        str(concurrency),
-                        "--hostname",
-                        f"chaos-{self.run_id}-{name}@%h",
-                        "--queues",
+                    worker_command(
+                        concurrency,
                         queue,
-                        "--without-gossip",
-                        "--without-mingle",
-                        "--loglevel",
-                        "INFO",
-                    ],
+                        hostname=f"chaos-{self.run_id}-{name}@%h",
+                        extra=["--without-gossip", "--without-mingle"],
+                    ),
                     self._child_env(PGAPPNAME=WORKER_APP_NAME),
                     self.var_dir / f"worker-{name}.log",
                     " ready.",

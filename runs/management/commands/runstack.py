@@ -16,6 +16,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from honcho.manager import Manager
 
+from orchestrator_site.celery import worker_command
+
 # How long web/worker/beat wait for Redis to answer PING before giving up (and so stopping
 # the stack): an embedded server starts in well under a second, a remote one should be up.
 REDIS_WAIT_S = 30.0
@@ -125,9 +127,7 @@ class Command(BaseCommand):
             )
         daphne = [python, "-m", "daphne", "-b", host, "-p", str(port)]
         daphne.append("orchestrator_site.asgi:application")
-        worker = [python, "-m", "celery", "-A", "orchestrator_site", "worker"]
-        worker += ["--pool", "threads", "--concurrency", str(concurrency), "-l", "INFO"]
-        worker += ["-Q", settings.CELERY_TASK_DEFAULT_QUEUE]
+        worker = worker_command(concurrency, settings.CELERY_TASK_DEFAULT_QUEUE)
         beat = [python, "-m", "celery", "-A", "orchestrator_site", "beat", "-l", "INFO"]
         for name, argv in (("web", daphne), ("worker", worker), ("beat", beat)):
             manager.add_process(name, after_redis(argv), env=env, cwd=str(settings.BASE_DIR))
