@@ -1,8 +1,9 @@
-"""The engine: starts runs, executes one step per Celery task, advances the graph, and applies
-controls and human decisions. The database is the truth; a Celery message is only a doorbell.
+"""The engine: starts runs, executes steps, advances the graph, and applies controls and human
+decisions. The database is the truth; a Celery message is only a doorbell.
 
 A step's life:
-1. `_create_step` inserts it (pending) and rings the doorbell after commit.
+1. `_create_step` inserts it (pending) and rings the doorbell after commit, unless the Celery task
+   that made it ready will execute it next itself (`execute_steps`).
 2. `execute_step` claims it with a compare-and-swap (pending, or running with an expired lease),
    keeps its lease alive (one lease thread per process) and runs the node function (runs/nodes.py)
    with no transaction open. LLM and tool calls are recorded as they happen (runs/context.py).
@@ -59,6 +60,9 @@ log = logging.getLogger(__name__)
 STOP_EVERYTHING = "stop_everything"
 # A step claimed this many times (its worker died, its database connection dropped) fails.
 MAX_CLAIMS = 10
+# A Celery task executes at most this many steps of a run one after another before it hands the
+# next one to the queue, so one long run never holds a worker thread for ever.
+STEPS_PER_TASK = 50
 
 
 class RunInputError(ValidationError):
@@ -160,9 +164,19 @@ def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | N
 
 
 def _enqueue(step_id: int, countdown: float | None = None) -> None:
-    from runs.tasks import execute_step_task
+    """Ring the doorbell for a step once the transaction commits. Inside `execute_steps`, the
+    first step made ready without a delay is kept for this thread to execute next instead."""
+    if countdown is None and getattr(_next_here, "wanted", False):
+        transaction.on_commit(lambda: _keep_or_ring(step_id))
+    else:
+        transaction.on_commit(lambda: _enqueue_now(step_id, countdown))
 
-    transaction.on_commit(lambda: execute_step_task.apply_async((step_id,), countdown=countdown))
+
+def _keep_or_ring(step_id: int) -> None:
+    if getattr(_next_here, "wanted", False) and _next_here.step_id is None:
+        _next_here.step_id = step_id
+    else:
+        _enqueue_now(step_id)
 
 
 def _step_payload(step: Step, **extra) -> dict:
@@ -177,6 +191,27 @@ def _step_payload(step: Step, **extra) -> dict:
 
 
 # --- executing ------------------------------------------------------------------------------
+
+# The step `execute_steps` will execute next in this thread (see `_enqueue`).
+_next_here = threading.local()
+
+
+def execute_steps(step_id: int) -> None:
+    """Execute a step, then the step it made ready, and so on, in this thread (the Celery task's
+    entry). A sequential run then pays no queue hop between steps; every step is still claimed,
+    leased and saved on its own, so a worker that dies here loses nothing: the sweeper rings
+    for the pending step it left. Further steps made ready at once (a fan-out's other
+    branches) ring the doorbell as usual, and so does the step after STEPS_PER_TASK."""
+    for _ in range(STEPS_PER_TASK):
+        _next_here.wanted, _next_here.step_id = True, None
+        try:
+            execute_step(step_id)
+        finally:
+            _next_here.wanted = False
+        step_id = _next_here.step_id
+        if step_id is None:
+            return
+    _enqueue_now(step_id)
 
 
 def execute_step(step_id: int) -> None:

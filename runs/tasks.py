@@ -7,7 +7,7 @@ from runs import engine
 
 @shared_task(name="runs.tasks.execute_step", acks_late=True, reject_on_worker_lost=True)
 def execute_step_task(step_id: int) -> None:
-    engine.execute_step(step_id)
+    engine.execute_steps(step_id)
 
 
 @shared_task(name="runs.tasks.sweep_stuck_steps")
