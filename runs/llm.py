@@ -24,6 +24,7 @@ from decimal import Decimal
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 import litellm  # noqa: E402
+from litellm._internal_context import is_internal_call  # noqa: E402
 from litellm.llms.custom_llm import CustomLLM  # noqa: E402
 from litellm.types.utils import (  # noqa: E402
     ChatCompletionMessageToolCall,
@@ -138,7 +139,7 @@ def complete(
     started = time.monotonic()
     if on_text is None:
         try:
-            response = litellm.completion(**kwargs)
+            response = _completion_without_litellm_logging(kwargs)
             text, tool_calls, finish_reason = _parse_message(response)
         except LLMError:
             raise
@@ -171,6 +172,17 @@ def complete(
         finish_reason=finish_reason or ("tool_calls" if tool_calls else "stop"),
         response_model=response_model,
     )
+
+
+def _completion_without_litellm_logging(kwargs: dict):
+    """Baton records every call itself (runs/context.py). After each call LiteLLM builds a
+    logging payload in a background thread that nothing here reads, about 1 ms of CPU a call;
+    it skips that for calls marked internal (LiteLLM's own nested calls), so ours are marked."""
+    token = is_internal_call.set(True)
+    try:
+        return litellm.completion(**kwargs)
+    finally:
+        is_internal_call.reset(token)
 
 
 def estimate_tokens(messages: list[dict], tools: list[dict] | None = None) -> int:
