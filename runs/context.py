@@ -204,10 +204,14 @@ class StepContext:
                 True,
             )
 
-        self.check_alive()
+        # The claim read the step and its run a moment ago: look again before later calls,
+        # or when the run was already asked to cancel.
+        if index > 0 or self.run.cancel_requested:
+            self.check_alive()
         model = self.current_model(agent)
-        estimate_tokens = llm.estimate_tokens(messages, tools) + agent.max_tokens
-        estimate_cost = self._reserve_budget(model, estimate_tokens, agent.max_tokens)
+        estimate_cost, estimate_tokens = self._reserve_budget(
+            model, llm.estimate_tokens(messages, tools) + agent.max_tokens, agent.max_tokens
+        )
         try:
             result = llm.complete(
                 model,
@@ -245,6 +249,8 @@ class StepContext:
     def _release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
         """Give back a call's budget reservation. The connection may have died under the call:
         then try once more on a new one; if the database is away, the estimate stays held."""
+        if not (estimate_cost or estimate_tokens):
+            return
         for _ in range(2):
             try:
                 Run.objects.filter(pk=self.run.pk).update(
@@ -274,15 +280,17 @@ class StepContext:
 
         return on_text
 
-    def _reserve_budget(self, model: str, estimate_tokens: int, max_completion: int) -> Decimal:
+    def _reserve_budget(
+        self, model: str, estimate_tokens: int, max_completion: int
+    ) -> tuple[Decimal, int]:
         """Check every budget before the call and set its estimate aside (compare-and-swap on
-        the run row), so parallel branches together overrun a budget by at most one call."""
+        the run row), so parallel branches together overrun a budget by at most one call.
+        Returns what was set aside, (cost, tokens): nothing when neither a run budget nor a
+        spend cap applies (the common case, which then needs no query at all)."""
+        from runs import costs
+
         budget = self.run.budget or {}
         now = timezone.now()
-        prompt_estimate = max(estimate_tokens - max_completion, 0)
-        estimate_cost, _, _ = pricing.compute_cost(model, prompt_estimate, max_completion, 0, now)
-        estimate_cost = Decimal(estimate_cost)
-
         wall = budget.get("max_wall_s")
         if wall and self.run.started_at and (now - self.run.started_at).total_seconds() > wall:
             raise BudgetExceeded(f"run wall-clock limit of {wall}s reached", "max_wall_s")
@@ -294,11 +302,23 @@ class StepContext:
                 "max_step_tokens",
             )
 
-        condition = Q()
         max_tokens = budget.get("max_tokens")
+        max_cost = budget.get("max_cost")
+        workflow = self.run.workflow
+        capped = (
+            workflow.daily_cost_cap is not None
+            or workflow.monthly_cost_cap is not None
+            or costs.global_monthly_cap() is not None
+        )
+        if not (max_tokens or max_cost not in (None, "") or capped):
+            return Decimal(0), 0
+
+        prompt_estimate = max(estimate_tokens - max_completion, 0)
+        estimate_cost, _, _ = pricing.compute_cost(model, prompt_estimate, max_completion, 0, now)
+        estimate_cost = Decimal(estimate_cost)
+        condition = Q()
         if max_tokens:
             condition &= Q(total_tokens__lte=max_tokens - estimate_tokens - F("reserved_tokens"))
-        max_cost = budget.get("max_cost")
         if max_cost not in (None, ""):
             condition &= Q(cost__lte=Decimal(max_cost) - estimate_cost - F("reserved_cost"))
         deadline = time.monotonic() + 30
@@ -335,12 +355,8 @@ class StepContext:
                     Decimal("0.0001")
                 ),
             )
-        from runs import costs
-
         # The workflow's and the global spend caps, past which approvals may let this run go.
-        breach = costs.cap_breach(
-            self.run.workflow, estimate_cost, allowances=costs.cap_allowances(budget)
-        )
+        breach = costs.cap_breach(workflow, estimate_cost, allowances=costs.cap_allowances(budget))
         if breach is not None:
             Run.objects.filter(pk=self.run.pk).update(
                 reserved_cost=F("reserved_cost") - estimate_cost,
@@ -352,7 +368,7 @@ class StepContext:
                 suggested_raise=breach.suggested_raise,
                 details=breach.figures(),
             )
-        return estimate_cost
+        return estimate_cost, estimate_tokens
 
     def _record_call(
         self, agent: Agent, index: int, result, estimate_cost: Decimal, estimate_tokens: int
