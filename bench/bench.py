@@ -9,7 +9,7 @@ Workloads (issue 9; targets are printed beside each figure, the exit code ignore
   W3  100 W1 runs started at once (200 ms LLM): total wall and steps per second
   live   N WebSocket clients on one run's page socket: event -> fragment latency
   reports  /costs/ and /runs/ with 1M usage records over 100k runs: server time
-  memory   RSS of each worker and of Daphne, per phase
+  memory   RSS of each worker and of each Daphne, per phase
   profile  one process, no Celery: queries and time per W1 step by engine phase
 
 The stack (bench/stack.py) uses PostgreSQL and Redis where DATABASE_URL and REDIS_URL point,
@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "within PostgreSQL's max_connections)",
     )
     parser.add_argument(
+        "--web-processes",
+        type=int,
+        default=None,
+        help="Daphne processes sharing the web port (default: BATON_WEB_PROCESSES, "
+        "one per CPU core up to 4)",
+    )
+    parser.add_argument(
         "--starters",
         type=int,
         default=8,
@@ -113,6 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, (full, quick) in COUNTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.web_processes is not None and args.web_processes < 1:
+        parser.error("--web-processes must be at least 1")
     args.phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -219,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         import django
 
         django.setup()
+        from django.conf import settings
+
+        config.web_processes = args.web_processes or settings.BATON_WEB_PROCESSES
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0, interactive=False)
@@ -236,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                 "max": stack.max_connections,
                 "in_use_at_start": stack.connections_in_use,
             },
-            "daphne": "1 process",
+            "daphne": f"{config.web_processes} process(es) on one port",
             "llm": f"fake OpenAI-compatible server ({stack.llm_base_url})",
             "startup_s": round(time.monotonic() - began, 1),
         }
         print(
             f"bench: {stack.database}; {stack.redis}; {config.workers} worker(s) x "
-            f"{config.concurrency} threads; logs in {stack.var_dir}",
+            f"{config.concurrency} threads; {config.web_processes} Daphne process"
+            f"{'es' if config.web_processes > 1 else ''}; logs in {stack.var_dir}",
             flush=True,
         )
         run_phases(args, stack, sampler, results, rows, errors)
@@ -614,12 +627,13 @@ def memory_rows(sampler: RssSampler, results: dict, rows: list[Row]) -> None:
         if name != "wall":
             label = f"CPU: {name} during W3 ({w3_cpu.get('wall', 0):.0f} s wall)"
             rows.append(Row(f"cpu_w3_{name.split()[0]}", label, "cpu-s", summarize([seconds])))
+    # Several Daphnes: "daphne (all)" (their sum) is keyed rss_<phase>_daphne, as one was.
     for phase in ("w3", "live"):
         for (sampled_phase, name), values in sorted(by.items()):
             if sampled_phase == phase:
                 rows.append(
                     Row(
-                        f"rss_{phase}_{name}",
+                        f"rss_{phase}_{name.split()[0]}",
                         f"Memory: RSS of {name} under {phase}",
                         "MiB",
                         summarize(_mib(values)),

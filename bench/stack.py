@@ -1,5 +1,6 @@
 """The stack a benchmark runs against, started and stopped here: a database, Redis, Celery
-workers, Daphne and the fake LLM server, each a real process with the same environment.
+workers, Daphne processes sharing one port (orchestrator_site/web.py, as `make run` starts them)
+and the fake LLM server, each a real process with the same environment.
 
 - DATABASE_URL set (PostgreSQL): a database of our own on that server (`--db-name`, default
   baton_bench), dropped and created again at every start and dropped at the end. Unset: a SQLite
@@ -44,6 +45,7 @@ class StackConfig:
     redis_db: int = 9
     workers: int = 1
     concurrency: int = 64
+    web_processes: int = 1  # Daphne processes on the one web port
     keep: bool = False  # keep the database and the temporary directory (logs) afterwards
 
 
@@ -75,7 +77,7 @@ class Stack:
     env: dict = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     workers: list[Proc] = field(default_factory=list)
-    daphne: Proc | None = None
+    daphnes: list[Proc] = field(default_factory=list)
     fake_llm: Proc | None = None
     llm_port: int = 0
     web_port: int = 0
@@ -184,8 +186,8 @@ class Stack:
         return proc
 
     def start(self) -> dict[str, float]:
-        """Launch the fake LLM server, the workers and Daphne together (each takes seconds to
-        import Django), then wait for each to answer. Returns seconds until each was ready."""
+        """Launch the fake LLM server, the workers and the Daphnes together (each takes seconds
+        to import Django), then wait for each to answer. Returns seconds until each was ready."""
         began = time.monotonic()
         self.llm_port = free_port()
         self.fake_llm = self._spawn(
@@ -201,7 +203,7 @@ class Stack:
             ],
         )
         self._launch_workers()
-        self._launch_daphne()
+        self._launch_daphnes()
         ready = {}
         _wait(
             lambda: _http_ok(f"http://127.0.0.1:{self.llm_port}/_control"),
@@ -212,7 +214,7 @@ class Stack:
         ready["fake LLM server"] = time.monotonic() - began
         self._wait_workers()
         ready["workers"] = time.monotonic() - began
-        _wait(lambda: _http_ok(f"{self.web_url}/accounts/login/"), 90, self.daphne, "Daphne")
+        self._wait_daphnes()
         ready["Daphne"] = time.monotonic() - began
         return ready
 
@@ -295,23 +297,36 @@ class Stack:
         self._launch_workers()
         self._wait_workers()
 
-    def _launch_daphne(self) -> None:
+    def _launch_daphnes(self) -> None:
+        """`web_processes` Daphnes on one free port, each with an access log of its own (it
+        tells which of them answered)."""
+        from orchestrator_site.web import web_command
+
         self.web_port = free_port()
-        self.daphne = self._spawn(
-            "daphne",
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.web_port),
-                "-v",
-                "0",
-                "orchestrator_site.asgi:application",
-            ],
-        )
+        count = self.config.web_processes
+        for index in range(1, count + 1):
+            name = f"daphne{index}" if count > 1 else "daphne"
+            access_log = ["-v", "0", "--access-log", str(self.var_dir / f"{name}-access.log")]
+            self.daphnes.append(
+                self._spawn(name, web_command("127.0.0.1", self.web_port, access_log))
+            )
+
+    def _wait_daphnes(self) -> None:
+        """Until every Daphne has answered a request: the kernel hands each new connection to
+        one of them, so ask on fresh connections until each access log shows one."""
+
+        def all_answered() -> bool:
+            for proc in self.daphnes:
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+            _http_ok(f"{self.web_url}/accounts/login/")
+            logs = [self.var_dir / f"{proc.name}-access.log" for proc in self.daphnes]
+            return all(log.exists() and log.stat().st_size for log in logs)
+
+        _wait(all_answered, 90, None, "Daphne")
+
+    def daphne_log_tails(self, lines: int = 25) -> str:
+        return "\n".join(f"{proc.name}:\n{proc.log_tail(lines)}" for proc in self.daphnes)
 
     @property
     def web_url(self) -> str:
@@ -369,10 +384,11 @@ class Stack:
 
 
 class RssSampler:
-    """Samples the resident memory of the stack's processes every 100 ms,
-    labelled with the benchmark phase that is running, from a daemon thread; and the CPU time
-    each process (the fake LLM server too) and the whole machine spent in each phase: on a
-    shared 2-core machine that says who saturates it."""
+    """Samples the resident memory of the stack's processes every 100 ms (each Daphne's, and
+    with several their sum as "daphne (all)"), labelled with the benchmark phase that is
+    running, from a daemon thread; and the CPU time each process (the Daphnes together as
+    "daphne", the fake LLM server too) and the whole machine spent in each phase: on a shared
+    2-core machine that says who saturates it."""
 
     def __init__(self, stack: Stack, interval_s: float = 0.1):
         self.stack = stack
@@ -396,21 +412,30 @@ class RssSampler:
         ticks = 0
         while not self._stop.wait(self.interval_s):
             phase = self.phase
-            for proc in [*self.stack.workers, self.stack.daphne]:
-                if proc is not None and proc.alive():
-                    rss = process_rss(proc.pid)
-                    if rss:
-                        self.samples.append((phase, proc.name, rss))
+            for proc in self.stack.workers:
+                self._sample_rss(phase, proc)
+            daphnes = [self._sample_rss(phase, proc) for proc in self.stack.daphnes]
+            if len(daphnes) > 1:
+                self.samples.append((phase, "daphne (all)", sum(daphnes)))
             ticks += 1
             if ticks % 2 == 0:  # CPU every 200 ms is plenty
                 self._sample_cpu(phase)
 
+    def _sample_rss(self, phase: str, proc: Proc) -> int:
+        rss = process_rss(proc.pid) if proc.alive() else 0
+        if rss:
+            self.samples.append((phase, proc.name, rss))
+        return rss
+
     def _sample_cpu(self, phase: str) -> None:
         tracked = {
             proc.name: process_cpu_seconds(proc.pid)
-            for proc in [*self.stack.workers, self.stack.daphne, self.stack.fake_llm]
+            for proc in [*self.stack.workers, self.stack.fake_llm]
             if proc is not None and proc.alive()
         }
+        tracked["daphne"] = sum(
+            process_cpu_seconds(proc.pid) for proc in self.stack.daphnes if proc.alive()
+        )
         tracked["bench"] = process_cpu_seconds(os.getpid())
         tracked["machine (everyone)"] = _machine_busy_seconds()
         tracked["wall"] = time.monotonic()
@@ -431,7 +456,8 @@ class RssSampler:
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (0 without psutil). The stack's processes
-    have no children (threads pool, one Daphne): scanning for some costs ~1.5 ms a call."""
+    have no children (threads pool; Daphne replaces its launcher): scanning for some costs
+    ~1.5 ms a call."""
     try:
         import psutil
     except ImportError:

@@ -703,7 +703,7 @@ def reports(stack, design: Design, records: int, runs: int, requests: int) -> di
                     if response.status_code != 200:
                         raise BenchError(
                             f"GET {path} as {who}: HTTP {response.status_code}\n"
-                            f"{stack.daphne.log_tail(25)}"
+                            f"{stack.daphne_log_tails(25)}"
                         )
                     if number:
                         timings[key].append(elapsed)

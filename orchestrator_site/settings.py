@@ -240,6 +240,9 @@ BATON_GLOBAL_MONTHLY_CAP = (
 # Failed logins allowed per username and per address within the window, then 429.
 BATON_LOGIN_ATTEMPTS = env_int("BATON_LOGIN_ATTEMPTS", 5)
 BATON_LOGIN_WINDOW_S = env_int("BATON_LOGIN_WINDOW_S", 900)
+# Daphne processes that `make run` (and `make bench`) start on the one web port: the kernel
+# spreads connections over them, so a run's live updates go out to its pages on several cores.
+BATON_WEB_PROCESSES = max(env_int("BATON_WEB_PROCESSES", min(os.cpu_count() or 1, 4)), 1)
 
 # --- auth, i18n, static ---------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

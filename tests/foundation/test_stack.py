@@ -1,7 +1,8 @@
 """`manage.py runstack` is what `make run` ends with: the whole stack in one foreground process.
 
-These tests start it for real (embedded Redis, Daphne, Celery worker and beat) in a scratch var
-directory, the way a fresh machine would, and check that one SIGINT leaves no process behind.
+These tests start it for real (embedded Redis, two Daphne processes, Celery worker and beat) in a
+scratch var directory, the way a fresh machine would, and check that one SIGINT leaves no process
+behind.
 """
 
 import os
@@ -124,7 +125,8 @@ def stack_env():
 
 
 class Stack:
-    """`manage.py runstack` as a subprocess, with its output in a file under its var dir."""
+    """`manage.py runstack` with two web processes as a subprocess, with its output in a file
+    under its var dir."""
 
     def __init__(self, env: dict[str, str]):
         self.var_dir = env["BATON_VAR_DIR"]
@@ -132,7 +134,15 @@ class Stack:
         self.log_path = Path(self.var_dir) / "stack.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "runstack", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "manage.py",
+                    "runstack",
+                    "--port",
+                    str(self.port),
+                    "--web-processes",
+                    "2",
+                ],
                 cwd=ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -188,11 +198,12 @@ def test_runstack_serves_the_site_and_one_sigint_stops_every_process(stack_env):
         assert _get(login) == 200, stack.output()[-6000:]
         stack.wait_until_worker_and_beat_run()
 
-        for name in ("redis", "web", "worker", "beat"):
+        for name in ("redis", "web1", "web2", "worker", "beat"):
             assert re.search(rf"^\d\d:\d\d:\d\d {name}\s*\| ", stack.output(), re.MULTILINE), name
-        running = " ".join(_processes_of_run(stack.var_dir).values())
+        commands = _processes_of_run(stack.var_dir).values()
+        assert sum("-m daphne" in command for command in commands) == 2
+        running = " ".join(commands)
         assert "redis-server" in running
-        assert "daphne" in running
         assert "celery -A orchestrator_site worker" in running
         assert "celery -A orchestrator_site beat" in running
 

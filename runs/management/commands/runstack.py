@@ -1,4 +1,5 @@
-"""Run the whole Baton stack in the foreground: Redis, Daphne, a Celery worker and Celery beat.
+"""Run the whole Baton stack in the foreground: Redis, Daphne processes sharing the web port, a
+Celery worker and Celery beat.
 
 honcho's Manager starts each process in its own session, prefixes every output line with the
 process name, and on SIGINT/SIGTERM sends SIGTERM to every process group (SIGKILL after 5 s), so
@@ -17,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from honcho.manager import Manager
 
 from orchestrator_site.celery import worker_command
+from orchestrator_site.web import web_command
 
 # How long web/worker/beat wait for Redis to answer PING before giving up (and so stopping
 # the stack): an embedded server starts in well under a second, a remote one should be up.
@@ -72,10 +74,20 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1", help="Daphne bind address.")
         parser.add_argument("--port", type=int, default=8000, help="Daphne port.")
         parser.add_argument(
+            "--web-processes",
+            type=int,
+            default=settings.BATON_WEB_PROCESSES,
+            help="Daphne processes sharing the port (default: BATON_WEB_PROCESSES).",
+        )
+        parser.add_argument(
             "--concurrency", type=int, default=8, help="Threads of the Celery worker."
         )
 
-    def handle(self, *args, host: str, port: int, concurrency: int, **options) -> None:
+    def handle(
+        self, *args, host: str, port: int, web_processes: int, concurrency: int, **options
+    ) -> None:
+        if web_processes < 1:
+            raise CommandError("--web-processes must be at least 1.")
         if not _port_is_free(host, port):
             raise CommandError(f"{host}:{port} is in use; stop what runs there or pass --port.")
         socket_path = _embedded_redis_socket()
@@ -125,16 +137,19 @@ class Command(BaseCommand):
                 env=env,
                 cwd=str(settings.BASE_DIR),
             )
-        daphne = [python, "-m", "daphne", "-b", host, "-p", str(port)]
-        daphne.append("orchestrator_site.asgi:application")
-        worker = worker_command(concurrency, settings.CELERY_TASK_DEFAULT_QUEUE)
         beat = [python, "-m", "celery", "-A", "orchestrator_site", "beat", "-l", "INFO"]
-        for name, argv in (("web", daphne), ("worker", worker), ("beat", beat)):
+        processes = {}
+        for number in range(1, web_processes + 1):
+            processes[f"web{number}" if web_processes > 1 else "web"] = web_command(host, port)
+        processes["worker"] = worker_command(concurrency, settings.CELERY_TASK_DEFAULT_QUEUE)
+        processes["beat"] = beat
+        for name, argv in processes.items():
             manager.add_process(name, after_redis(argv), env=env, cwd=str(settings.BASE_DIR))
 
         database = settings.DATABASES["default"]
         self.stdout.write(
-            f"Baton on http://{host}:{port}/ with {database['ENGINE'].rsplit('.', 1)[-1]} "
+            f"Baton on http://{host}:{port}/ ({web_processes} web process"
+            f"{'es' if web_processes > 1 else ''}) with {database['ENGINE'].rsplit('.', 1)[-1]} "
             f"database {database['NAME']} and "
             f"{'an embedded Redis on ' + socket_path if socket_path else 'the Redis of REDIS_URL'}."
             " Ctrl-C stops everything."
