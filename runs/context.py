@@ -144,6 +144,9 @@ class LLMReply:
     replayed: bool
 
 
+_COST_PLACES = Decimal("1e-8")  # as Run.cost stores it
+
+
 class StepContext:
     """Per-execution helper handed to a node function."""
 
@@ -401,13 +404,8 @@ class StepContext:
                 at=now,
             )
             # The run's row before the step's: the lock order of every engine transaction.
-            Run.objects.filter(pk=self.run.pk).update(
-                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
-                completion_tokens=F("completion_tokens") + result.completion_tokens,
-                total_tokens=F("total_tokens") + result.total_tokens,
-                cost=F("cost") + cost,
-                reserved_cost=F("reserved_cost") - estimate_cost,
-                reserved_tokens=F("reserved_tokens") - estimate_tokens,
+            total_tokens, total_cost = _add_to_run_totals(
+                self.run.pk, result, cost, estimate_cost, estimate_tokens
             )
             Step.objects.filter(pk=self.step.pk).update(
                 prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
@@ -417,7 +415,6 @@ class StepContext:
                 latency_ms=F("latency_ms") + result.latency_ms,
                 model=result.model[:200],
             )
-            totals = Run.objects.values("total_tokens", "cost").get(pk=self.run.pk)
             events.append_events(
                 self.run.pk,
                 [
@@ -432,7 +429,7 @@ class StepContext:
                             "latency_ms": result.latency_ms,
                         },
                     ),
-                    ("run.totals", {"tokens": totals["total_tokens"], "cost": str(totals["cost"])}),
+                    ("run.totals", {"tokens": total_tokens, "cost": str(total_cost)}),
                 ],
             )
             # Last write before the commit: the day's rollup row of this key is shared by
@@ -601,6 +598,34 @@ class StepContext:
                 {"node": s.node_id, "output": s.output_text[:4000]} for s in previous
             ],
         }
+
+
+def _add_to_run_totals(
+    run_id: int, result, cost: Decimal, reserved_cost: Decimal, reserved_tokens: int
+) -> tuple[int, Decimal]:
+    """Add an LLM call to its run's totals and give back what was reserved for it; returns the
+    run's new (total_tokens, cost). One statement (the ORM has no UPDATE ... RETURNING): the
+    run's row stays locked from here to the commit, and parallel branches wait on it."""
+    table = connection.ops.quote_name(Run._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET prompt_tokens = prompt_tokens + %s,"
+            " completion_tokens = completion_tokens + %s, total_tokens = total_tokens + %s,"
+            " cost = cost + %s, reserved_cost = reserved_cost - %s,"
+            " reserved_tokens = reserved_tokens - %s WHERE id = %s RETURNING total_tokens, cost",
+            [
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.total_tokens,
+                cost,
+                reserved_cost,
+                reserved_tokens,
+                run_id,
+            ],
+        )
+        total_tokens, total_cost = cursor.fetchone()
+    # SQLite hands a decimal column back as a float: make it the field's Decimal again.
+    return total_tokens, Decimal(str(total_cost)).quantize(_COST_PLACES)
 
 
 def _record_tool_health(tool_name: str, error: str | None) -> None:

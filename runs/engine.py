@@ -36,7 +36,8 @@ from django.db import (
     connection,
     transaction,
 )
-from django.db.models import Exists, F, Max, Q
+from django.db.models import BooleanField, F, Max, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from runs import events, nodes
@@ -293,6 +294,15 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
         log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
 
+# Is the global stop switch on? Read with the claim. In SQL: the ORM's Exists() took longer to
+# build than the whole query takes to run (about 0.8 ms of CPU per step).
+_STOPPED = RawSQL(
+    f'EXISTS (SELECT 1 FROM {Switch._meta.db_table} WHERE name = %s AND "on")',
+    [STOP_EVERYTHING],
+    output_field=BooleanField(),
+)
+
+
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
@@ -300,7 +310,7 @@ def _claim(step_id: int) -> Step | None:
         Step.objects.filter(pk=step_id)
         .select_related("run", "run__workflow", "run__version")
         .defer("run__version__spec", "run__version__layout")  # spec_of() caches the spec
-        .annotate(stopped=Exists(Switch.objects.filter(name=STOP_EVERYTHING, on=True)))
+        .annotate(stopped=_STOPPED)
         .first()
     )
     if step is None:
