@@ -156,7 +156,7 @@ class FakeLLMServer:
 
     @property
     def request_log(self) -> list[dict]:
-        """Each request's path, body and Authorization header."""
+        """Each request's path, body, Authorization header and headers (lower-case names)."""
         with self._lock:
             return list(self._requests)
 
@@ -202,10 +202,17 @@ class FakeLLMServer:
 
     # --- used by the handler ---
 
-    def _record(self, path: str, body, authorization: str) -> tuple[dict | None, int]:
+    def _record(self, path: str, body, headers: dict) -> tuple[dict | None, int]:
         """Log a request and decide what happens to it: (behaviour or None, latency_ms)."""
         with self._lock:
-            self._requests.append({"path": path, "body": body, "authorization": authorization})
+            self._requests.append(
+                {
+                    "path": path,
+                    "body": body,
+                    "authorization": headers.get("authorization", ""),
+                    "headers": headers,
+                }
+            )
             behaviour = None
             if self._queue:
                 behaviour = self._queue.pop(0)
@@ -270,7 +277,8 @@ class _Handler(BaseHTTPRequestHandler):
     # --- chat completions ---
 
     def _chat(self, path: str, body: dict) -> None:
-        behaviour, latency_ms = self.fake._record(path, body, self.headers.get("Authorization", ""))
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        behaviour, latency_ms = self.fake._record(path, body, headers)
         self.fake._sleep(latency_ms / 1000)
         behaviour = behaviour or {}
         if "hang" in behaviour:

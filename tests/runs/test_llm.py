@@ -75,6 +75,35 @@ def test_request_carries_model_options_tools_and_key(fake_llm):
     assert fake_llm.request_log[0]["authorization"] == "Bearer sk-fake"
 
 
+def test_an_openai_compatible_server_is_called_with_the_openai_sdk_not_through_litellm(fake_llm):
+    """LiteLLM costs more CPU per call than the rest of a durable step. It wraps the same SDK
+    and reads every answer through the SDK's raw-response API, which says so in a header."""
+    call(fake_llm, tools=[SEARCH])
+    call(fake_llm, on_text=lambda text: None)
+
+    for request in fake_llm.request_log:
+        assert request["headers"]["user-agent"].startswith("OpenAI/Python")
+        assert "x-stainless-raw-response" not in request["headers"]
+    assert fake_llm.request_count == 2
+
+
+def test_an_openai_model_without_an_api_base_still_goes_through_litellm(fake_llm, monkeypatch):
+    # Where LiteLLM (and the OpenAI SDK) send openai/ models when no api_base is given.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm.base_url)
+
+    seen: list[str] = []
+    result = llm.complete(fake_llm.model(), MESSAGES, api_key="sk-fake")
+    streamed = llm.complete(fake_llm.model(), MESSAGES, api_key="sk-fake", on_text=seen.append)
+
+    assert result.text == streamed.text == seen[-1]
+    assert result.text.startswith("## Findings on durable execution")
+    assert result.cost > 0 and streamed.cost == result.cost
+    assert [r["headers"].get("x-stainless-raw-response") for r in fake_llm.request_log] == [
+        "true",
+        "true",
+    ]
+
+
 def test_tool_calls_are_parsed_into_names_and_argument_dicts(fake_llm):
     result = call(fake_llm, tools=[SEARCH])
 
