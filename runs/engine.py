@@ -143,25 +143,48 @@ def start_run(
 
 def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | None:
     """Insert the next iteration of a node (pending) and ring the doorbell after commit."""
-    node = node_map(spec)[node_id]
+    created = _create_steps(run, spec, [(node_id, branches)])
+    return created[0] if created else None
+
+
+def _create_steps(run: Run, spec: dict, targets: list[tuple[str, list]]) -> list[Step]:
+    """Insert the next iteration of each (node, branches) target, pending, and ring their
+    doorbells after commit. A fan-out's branches are written together: one query for the
+    iterations, one insert, one step count update and one event write, whatever their number.
+    Past the run's max_steps budget nothing is created and the run ends."""
     max_steps = (run.budget or {}).get("max_steps")
-    if max_steps and run.step_count >= max_steps:
+    if max_steps and run.step_count + len(targets) > max_steps:
         _finish_run(run, Run.BUDGET_EXCEEDED, f"max steps per run ({max_steps}) reached")
-        return None
-    iteration = Step.objects.filter(run=run, node_id=node_id).aggregate(n=Max("iteration"))["n"]
-    step = Step.objects.create(
-        run=run,
-        node_id=node_id,
-        kind=node["kind"],
-        iteration=0 if iteration is None else iteration + 1,
-        branches=branches,
+        return []
+    nodes = node_map(spec)
+    latest = dict(
+        Step.objects.filter(run=run, node_id__in={node_id for node_id, _ in targets})
+        .order_by()
+        .values("node_id")
+        .annotate(n=Max("iteration"))
+        .values_list("node_id", "n")
     )
-    run.step_count += 1
-    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
-    events.append_event(run.pk, "step.created", _step_payload(step))
-    if run.status not in (Run.PAUSED,):
-        _enqueue(step.pk)
-    return step
+    steps = []
+    for node_id, branches in targets:
+        iteration = latest.get(node_id)
+        latest[node_id] = iteration = 0 if iteration is None else iteration + 1
+        steps.append(
+            Step(
+                run=run,
+                node_id=node_id,
+                kind=nodes[node_id]["kind"],
+                iteration=iteration,
+                branches=branches,
+            )
+        )
+    steps = Step.objects.bulk_create(steps)
+    run.step_count += len(steps)
+    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + len(steps))
+    events.append_events(run.pk, [("step.created", _step_payload(step)) for step in steps])
+    if run.status != Run.PAUSED:
+        for step in steps:
+            _enqueue(step.pk)
+    return steps
 
 
 def _enqueue(step_id: int, countdown: float | None = None) -> None:
@@ -306,13 +329,16 @@ _STOPPED = RawSQL(
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
-    step = (
+    # No ordering (first() would sort by Step's default ordering): a quarter of this query's
+    # CPU goes to compiling it, and there is only one row.
+    found = (
         Step.objects.filter(pk=step_id)
         .select_related("run", "run__workflow", "run__version")
         .defer("run__version__spec", "run__version__layout")  # spec_of() caches the spec
         .annotate(stopped=_STOPPED)
-        .first()
+        .order_by()[:1]
     )
+    step = next(iter(found), None)
     if step is None:
         return None
     run = step.run
@@ -707,7 +733,7 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
             _finish_run(run, Run.FAILED, f"{step.node_id}: {error}")
             return
 
-    created = False
+    targets = []  # (node, branches) of the steps to create, all at once
     for edge in chosen:
         bound = edge.get("max_iterations")
         if bound:
@@ -719,16 +745,19 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
         target = node_map(spec)[edge["target"]]
         if target["kind"] == "join":
             _arrive(run, spec, target, step, "succeeded" if outcome == "success" else "failed")
+            if run.status in Run.TERMINAL:
+                return
         else:
             branches = list(step.branches)
             if node["kind"] == "parallel":
                 branches.append([node["id"], edge["target"]])
-            created = _create_step(run, spec, edge["target"], branches) is not None or created
-        if run.status in Run.TERMINAL:
-            return
+            targets.append((edge["target"], branches))
+    created = bool(targets) and bool(_create_steps(run, spec, targets))
+    if run.status in Run.TERMINAL:
+        return
     if created and run.status == Run.RUNNING and not run.blocked_on:
         return  # the common case: the run simply goes on
-    _finish_if_idle(run, spec)
+    _finish_if_idle(run, spec, just_succeeded=step if outcome == "success" else None)
 
 
 def _open_join(run: Run, spec: dict, join: dict, frame: list | None) -> Step:
@@ -821,13 +850,20 @@ def _join_after(spec: dict, parallel_id: str) -> dict | None:
     return None
 
 
-def _finish_if_idle(run: Run, spec: dict) -> None:
+def _finish_if_idle(run: Run, spec: dict, just_succeeded: Step | None = None) -> None:
+    """End the run when nothing is left to do; its result is the output of the step that
+    succeeded last (`just_succeeded`, when the caller holds it: it finished under the run's
+    lock just now, so no other step finished after it)."""
     open_steps = _open_steps(run)
     # Anything but a join waiting for branches keeps the run going.
     if any(status != Step.WAITING or kind != "join" for status, kind in open_steps):
         _refresh_status(run, open_steps)
         return
-    stuck = Step.objects.filter(run=run, status=Step.WAITING, kind="join").first()
+    stuck = (
+        Step.objects.filter(run=run, status=Step.WAITING, kind="join").first()
+        if open_steps
+        else None
+    )
     if stuck is not None:
         missing = [b for b in stuck.input.get("expected", []) if b not in stuck.arrivals]
         _finish_run(
@@ -836,7 +872,7 @@ def _finish_if_idle(run: Run, spec: dict) -> None:
             f"join {stuck.node_id} can never complete: no branch left for {', '.join(missing)}",
         )
         return
-    last = (
+    last = just_succeeded or (
         Step.objects.filter(run=run, status=Step.SUCCEEDED).order_by("-finished_at", "-id").first()
     )
     run.refresh_from_db(fields=["state"])
@@ -852,9 +888,9 @@ def _finish_if_idle(run: Run, spec: dict) -> None:
 def _open_steps(run: Run) -> list[tuple[str, str]]:
     """(status, kind) of the run's pending, running and waiting steps, in one query."""
     return list(
-        Step.objects.filter(
-            run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)
-        ).values_list("status", "kind")
+        Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING))
+        .order_by()
+        .values_list("status", "kind")
     )
 
 
@@ -876,12 +912,16 @@ def _refresh_status(run: Run, open_steps: list[tuple[str, str]] | None = None) -
         _set_status(run, Run.RUNNING, blocked_on="")
 
 
-def _set_status(run: Run, status: str, *, blocked_on: str | None = None, error: str = "") -> None:
+def _set_status(
+    run: Run, status: str, *, blocked_on: str | None = None, error: str = "", also: tuple = ()
+) -> None:
+    """Save the run's status (with `also`, fields the caller changed on `run`, in the same
+    UPDATE) and append a run.status event when it changed."""
     changed = run.status != status or (blocked_on is not None and blocked_on != run.blocked_on)
-    if not changed and not error:
+    if not changed and not error and not also:
         return
     run.status = status
-    fields = ["status", "updated_at"]
+    fields = ["status", "updated_at", *also]
     if blocked_on is not None:
         run.blocked_on = blocked_on
         fields.append("blocked_on")
@@ -904,12 +944,10 @@ def _finish_run(run: Run, status: str, error: str, *, result=None) -> None:
     now = timezone.now()
     run.finished_at = now
     run.result = result
-    run.blocked_on = ""
-    run.save(update_fields=["finished_at", "result", "blocked_on", "updated_at"])
     Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING)).update(
         status=Step.CANCELLED, finished_at=now, lease_until=None
     )
-    _set_status(run, status, error=error[:5000])
+    _set_status(run, status, blocked_on="", error=error[:5000], also=("finished_at", "result"))
     if run.parent_step_id:
         parent = Step.objects.filter(pk=run.parent_step_id, status=Step.WAITING).first()
         if parent is not None:

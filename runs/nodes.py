@@ -31,7 +31,7 @@ FINISH = "FINISH"
 
 
 def get_agent(name: str) -> Agent:
-    agent = Agent.objects.filter(name=name).select_related("role").first()
+    agent = next(iter(Agent.objects.filter(name=name).select_related("role").order_by()[:1]), None)
     if agent is None:
         raise StepFailed("permanent", f"agent {name!r} does not exist")
     return agent
