@@ -116,7 +116,7 @@ def start_run(
     parent_step: Step | None = None,
 ) -> Run:
     """Create a run of a published version and its first step in one transaction."""
-    spec = version.get_spec()
+    spec = spec_of(version)
     data = validate_input(spec, input)
     workflow = version.workflow
     with _writing():
@@ -157,13 +157,15 @@ def _create_steps(run: Run, spec: dict, targets: list[tuple[str, list]]) -> list
         _finish_run(run, Run.BUDGET_EXCEEDED, f"max steps per run ({max_steps}) reached")
         return []
     nodes = node_map(spec)
-    latest = dict(
-        Step.objects.filter(run=run, node_id__in={node_id for node_id, _ in targets})
-        .order_by()
-        .values("node_id")
-        .annotate(n=Max("iteration"))
-        .values_list("node_id", "n")
-    )
+    latest = {}  # node -> its latest iteration in this run; a new run has no steps yet
+    if run.step_count:
+        latest = dict(
+            Step.objects.filter(run=run, node_id__in={node_id for node_id, _ in targets})
+            .order_by()
+            .values("node_id")
+            .annotate(n=Max("iteration"))
+            .values_list("node_id", "n")
+        )
     steps = []
     for node_id, branches in targets:
         iteration = latest.get(node_id)
