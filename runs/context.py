@@ -160,6 +160,9 @@ class StepContext:
         self._tool_index = 0
         self._last_stream = 0.0
         self.messages_log: list[dict] = []
+        # A first attempt's last LLM call, made but not stored yet: see record_calls(). A
+        # caller whose transaction stored it and then rolled back puts it back here.
+        self.unrecorded: tuple | None = None
 
     @property
     def made_tool_calls(self) -> bool:
@@ -190,6 +193,7 @@ class StepContext:
         stream: bool = True,
     ) -> LLMReply:
         """One durable LLM call: replayed from its UsageRecord when it was already made."""
+        self.record_calls()
         index = self._llm_index
         self._llm_index += 1
         self.messages_log = messages
@@ -229,6 +233,18 @@ class StepContext:
         except BaseException:
             self._release(estimate_cost, estimate_tokens)
             raise
+        if self.step.attempt == 1:
+            # No earlier attempt can have recorded this call: it is stored with the step's
+            # next write (record_calls), in the same transaction when that is the outcome.
+            priced = pricing.compute_cost(
+                result.model,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.cached_tokens,
+                timezone.now(),
+            )
+            self.unrecorded = (agent, index, result, estimate_cost, estimate_tokens, priced)
+            return LLMReply(result.text, result.tool_calls, result.model, False)
         try:
             self._record_call(agent, index, result, estimate_cost, estimate_tokens)
         except IntegrityError:
@@ -248,6 +264,30 @@ class StepContext:
             self._release(estimate_cost, estimate_tokens)
             raise
         return LLMReply(result.text, result.tool_calls, result.model, False)
+
+    def record_calls(self, *, roll_up: bool = True) -> list[UsageRecord]:
+        """Store the LLM call a first attempt made last, if it is not stored yet; returns the
+        records written. The engine calls this inside the transaction that saves the step's
+        outcome, so a step that simply succeeds pays one transaction, not two; anything else
+        the step does next (another call, a tool call, a question to a human, an interrupt)
+        stores it first, so a call is always on record before its consequences.
+
+        `roll_up=False` leaves the daily rollup to the caller (`costs.add_to_daily_usage`),
+        to be made the transaction's last write. A call another attempt recorded first means
+        that attempt owns the step now: LeaseLost."""
+        if self.unrecorded is None:
+            return []
+        agent, index, result, estimate_cost, estimate_tokens, priced = self.unrecorded
+        try:
+            record = self._record_call(
+                agent, index, result, estimate_cost, estimate_tokens, priced, roll_up
+            )
+        except IntegrityError:
+            self.unrecorded = None
+            self._release(estimate_cost, estimate_tokens)
+            raise LeaseLost("another attempt recorded this step's call first") from None
+        self.unrecorded = None
+        return [record]
 
     def _release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
         """Give back a call's budget reservation. The connection may have died under the call:
@@ -374,12 +414,24 @@ class StepContext:
         return estimate_cost, estimate_tokens
 
     def _record_call(
-        self, agent: Agent, index: int, result, estimate_cost: Decimal, estimate_tokens: int
-    ) -> None:
+        self,
+        agent: Agent,
+        index: int,
+        result,
+        estimate_cost: Decimal,
+        estimate_tokens: int,
+        priced: tuple | None = None,
+        roll_up: bool = True,
+    ) -> UsageRecord:
+        """Store one call: its UsageRecord, the run's and the step's totals, its events, and
+        (`roll_up`) its share of the daily rollup as the last write, since the rollup row of a
+        busy key is shared by every run using it; a caller that writes more after this adds
+        the record to the rollup itself, last. `priced`: pricing.compute_cost's answer when
+        the caller looked it up already."""
         from runs import costs
 
         now = timezone.now()
-        cost, price, source = pricing.compute_cost(
+        cost, price, source = priced or pricing.compute_cost(
             result.model, result.prompt_tokens, result.completion_tokens, result.cached_tokens, now
         )
         with transaction.atomic():
@@ -432,10 +484,10 @@ class StepContext:
                     ("run.totals", {"tokens": total_tokens, "cost": str(total_cost)}),
                 ],
             )
-            # Last write before the commit: the day's rollup row of this key is shared by
-            # every parallel call with the same key, so it stays locked as briefly as possible.
-            costs.add_to_daily_usage(record)
+            if roll_up:
+                costs.add_to_daily_usage(record)
         self.step.total_tokens += result.total_tokens
+        return record
 
     # --- tools ------------------------------------------------------------------------------
 
@@ -444,6 +496,7 @@ class StepContext:
 
         Returns {"result": ...} or {"error": ...}; raises WaitingForHuman or ApprovalRejected.
         """
+        self.record_calls()
         index = self._tool_index
         self._tool_index += 1
         key = f"run{self.run.pk}-step{self.step.pk}-e{self.step.epoch}-call{index}"
@@ -563,6 +616,7 @@ class StepContext:
 
     def ask_human(self, kind: str, title: str, payload: dict) -> None:
         """Open one approval request for this step (a replay finds it already open)."""
+        self.record_calls()
         with transaction.atomic():
             # The run's row first, as every transaction that writes a run and its steps does.
             Run.objects.select_for_update(no_key=True).get(pk=self.run.pk)

@@ -253,6 +253,9 @@ def execute_step(step_id: int) -> None:
     try:
         try:
             text, output = nodes.EXECUTORS[node["kind"]](ctx)
+        except BaseException:
+            ctx.record_calls()  # a paid call is on record before the step moves on
+            raise
         finally:
             _leases.release(step)
     except WaitingForHuman as waiting:
@@ -278,7 +281,10 @@ def execute_step(step_id: int) -> None:
         log.exception("step %s crashed", step_id)
         _after_failure(ctx, "permanent", f"{type(exc).__name__}: {exc}")
     else:
-        _after_success(ctx, text, output)
+        try:
+            _after_success(ctx, text, output)
+        except (OperationalError, InterfaceError) as exc:
+            _after_database_error(ctx, exc)
 
 
 def spec_of(version: WorkflowVersion) -> dict:
@@ -304,6 +310,7 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
     step = ctx.step
     message = f"database error: {exc}"[:2000]
     try:
+        ctx.record_calls()  # a call already paid for is replayed, not made again
         if step.attempt >= MAX_CLAIMS:
             _after_failure(ctx, "transient", f"gave up after {step.attempt} attempts: {message}")
             return
@@ -315,6 +322,8 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
             "at": timezone.now().isoformat(),
         }
         _retry_later(ctx, delay, message, attempts=[*step.attempts, attempt])
+    except LeaseLost:
+        log.info("step %s: lease lost, dropping this attempt", step.pk)
     except (OperationalError, InterfaceError):
         log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
@@ -528,15 +537,29 @@ def _save_waiting(ctx: StepContext, reason: str) -> None:
 
 
 def _after_success(ctx: StepContext, text: str, output) -> None:
-    with _writing():
-        run = _lock_run(ctx.run.pk)
-        if not _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
-            return
-        key = ctx.node.get("output_key") or ctx.node["id"]
-        if ctx.node["kind"] != "parallel":
-            run.state = {**run.state, key: output}
-            run.save(update_fields=["state", "updated_at"])
-        _advance(run, ctx.spec, ctx.step, outcome="success")
+    """Save the output and advance, in one transaction with the step's last LLM call (which a
+    first attempt stores only now: runs/context.py `record_calls`)."""
+    from runs import costs
+
+    unrecorded = ctx.unrecorded
+    try:
+        with _writing():
+            run = _lock_run(ctx.run.pk)
+            records = ctx.record_calls(roll_up=False)
+            if _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
+                key = ctx.node.get("output_key") or ctx.node["id"]
+                if ctx.node["kind"] != "parallel":
+                    run.state = {**run.state, key: output}
+                    run.save(update_fields=["state", "updated_at"])
+                _advance(run, ctx.spec, ctx.step, outcome="success")
+            # Last: the day's rollup row of a busy key is shared by every run that uses it.
+            for record in records:
+                costs.add_to_daily_usage(record)
+    except LeaseLost:
+        log.info("step %s: lease lost, dropping this attempt", ctx.step.pk)
+    except (OperationalError, InterfaceError):
+        ctx.unrecorded = unrecorded  # rolled back with the transaction: still to be stored
+        raise
 
 
 def _retry_or_fail(ctx: StepContext, message: str) -> None:

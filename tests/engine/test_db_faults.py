@@ -11,7 +11,7 @@ from django.db import connection
 from django.utils import timezone
 
 from runs import engine
-from runs.models import Run, Step
+from runs.models import Run, Step, UsageRecord
 from runs.tasks import execute_step_task
 from tests.factories import make_agent, make_workflow, pipeline_spec
 
@@ -54,6 +54,40 @@ def test_a_cancelled_statement_is_retried_not_a_permanent_failure(celery_worker,
     wait_until(lambda: fake_llm.request_count == 1)
     # Lock the run row, so the step's recording of its LLM call waits on it, then cancel that
     # statement as a statement_timeout would.
+    _cancel_statements_waiting_for(f"SELECT 1 FROM runs_run WHERE id = {run.pk} FOR UPDATE")
+    run = engine.wait_for(run, timeout_s=60)
+    assert run.status == Run.SUCCEEDED, run.error
+    assert fake_llm.request_count == 1  # the retry replays the call, it does not pay again
+
+
+@pytest.mark.skipif(
+    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"), reason="needs PostgreSQL"
+)
+def test_a_call_stored_in_a_rolled_back_outcome_is_stored_again_not_paid_again(
+    celery_worker, alice, fake_llm
+):
+    """A first attempt stores its last call in the transaction that saves the outcome; the
+    daily rollup is that transaction's last write. Cancel it there: the call must be stored
+    on the way out and replayed by the retry."""
+    make_agent("writer", model=fake_llm.model(), api_base=fake_llm.base_url)
+    workflow = make_workflow(pipeline_spec("writer"), owner=alice)
+    first = engine.wait_for(engine.start_run(workflow.latest_version(), {"topic": "a"}, alice))
+    assert first.status == Run.SUCCEEDED, first.error  # its call made today's rollup row
+    fake_llm.reset()
+    fake_llm.fail_next({"hang": 2})
+    run = engine.start_run(workflow.latest_version(), {"topic": "b"}, alice)
+    wait_until(lambda: fake_llm.request_count == 1)
+    _cancel_statements_waiting_for("SELECT 1 FROM runs_usagedaily FOR UPDATE")
+    run = engine.wait_for(run, timeout_s=60)
+    assert run.status == Run.SUCCEEDED, run.error
+    assert run.steps.get().attempt == 2  # the outcome transaction did roll back
+    assert fake_llm.request_count == 1
+    assert UsageRecord.objects.filter(run=run).count() == 1
+
+
+def _cancel_statements_waiting_for(lock_sql: str) -> None:
+    """Hold the lock `lock_sql` takes until a statement of the worker waits for it, then
+    cancel that statement, as a statement_timeout would."""
     params = connection.get_connection_params()
     with (
         psycopg.connect(
@@ -63,7 +97,7 @@ def test_a_cancelled_statement_is_retried_not_a_permanent_failure(celery_worker,
             **{k: v for k, v in params.items() if k != "cursor_factory"}, autocommit=True
         ) as admin,
     ):
-        locker.execute("SELECT 1 FROM runs_run WHERE id = %s FOR UPDATE", (run.pk,))
+        locker.execute(lock_sql)
         waiting = []
 
         def blocked():
@@ -77,5 +111,3 @@ def test_a_cancelled_statement_is_retried_not_a_permanent_failure(celery_worker,
         for (pid,) in waiting:
             admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
         locker.rollback()
-    run = engine.wait_for(run, timeout_s=60)
-    assert run.status == Run.SUCCEEDED, run.error
