@@ -58,7 +58,7 @@ HOT = [
     ("runs/engine.py", "execute_step", "execute_step (all)"),
     ("runs/engine.py", "_claim", "claim"),
     ("runs/nodes.py", "agent_node", "node (agent)"),
-    ("runs/llm.py", "complete", "llm.complete (LiteLLM + HTTP)"),
+    ("runs/llm.py", "complete", "llm.complete (client + HTTP)"),
     ("runs/llm.py", "_stream", "  streaming loop"),
     ("runs/context.py", "_streamer", "  token publish"),
     ("runs/context.py", "check_alive", "check_alive"),
