@@ -160,7 +160,7 @@ class StepContext:
         self._tool_index = 0
         self._last_stream = 0.0
         self.messages_log: list[dict] = []
-        # A first attempt's last LLM call, made but not stored yet: see record_calls(). A
+        # A first attempt's last LLM call, made but not stored yet: see record_pending_call(). A
         # caller whose transaction stored it and then rolled back puts it back here.
         self.unrecorded: tuple | None = None
 
@@ -193,7 +193,7 @@ class StepContext:
         stream: bool = True,
     ) -> LLMReply:
         """One durable LLM call: replayed from its UsageRecord when it was already made."""
-        self.record_calls()
+        self.record_pending_call()
         index = self._llm_index
         self._llm_index += 1
         self.messages_log = messages
@@ -235,7 +235,7 @@ class StepContext:
             raise
         if self.step.attempt == 1:
             # No earlier attempt can have recorded this call: it is stored with the step's
-            # next write (record_calls), in the same transaction when that is the outcome.
+            # next write (record_pending_call), in the same transaction when that is the outcome.
             priced = pricing.compute_cost(
                 result.model,
                 result.prompt_tokens,
@@ -265,9 +265,9 @@ class StepContext:
             raise
         return LLMReply(result.text, result.tool_calls, result.model, False)
 
-    def record_calls(self, *, roll_up: bool = True) -> list[UsageRecord]:
-        """Store the LLM call a first attempt made last, if it is not stored yet; returns the
-        records written. The engine calls this inside the transaction that saves the step's
+    def record_pending_call(self, *, roll_up: bool = True) -> UsageRecord | None:
+        """Store the LLM call a first attempt made last, if it is not stored yet, and return
+        its record. The engine calls this inside the transaction that saves the step's
         outcome, so a step that simply succeeds pays one transaction, not two; anything else
         the step does next (another call, a tool call, a question to a human, an interrupt)
         stores it first, so a call is always on record before its consequences.
@@ -276,7 +276,7 @@ class StepContext:
         to be made the transaction's last write. A call another attempt recorded first means
         that attempt owns the step now: LeaseLost."""
         if self.unrecorded is None:
-            return []
+            return None
         agent, index, result, estimate_cost, estimate_tokens, priced = self.unrecorded
         try:
             record = self._record_call(
@@ -287,7 +287,7 @@ class StepContext:
             self._release(estimate_cost, estimate_tokens)
             raise LeaseLost("another attempt recorded this step's call first") from None
         self.unrecorded = None
-        return [record]
+        return record
 
     def _release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
         """Give back a call's budget reservation. The connection may have died under the call:
@@ -496,7 +496,7 @@ class StepContext:
 
         Returns {"result": ...} or {"error": ...}; raises WaitingForHuman or ApprovalRejected.
         """
-        self.record_calls()
+        self.record_pending_call()
         index = self._tool_index
         self._tool_index += 1
         key = f"run{self.run.pk}-step{self.step.pk}-e{self.step.epoch}-call{index}"
@@ -616,7 +616,7 @@ class StepContext:
 
     def ask_human(self, kind: str, title: str, payload: dict) -> None:
         """Open one approval request for this step (a replay finds it already open)."""
-        self.record_calls()
+        self.record_pending_call()
         with transaction.atomic():
             # The run's row first, as every transaction that writes a run and its steps does.
             Run.objects.select_for_update(no_key=True).get(pk=self.run.pk)

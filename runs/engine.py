@@ -254,7 +254,7 @@ def execute_step(step_id: int) -> None:
         try:
             text, output = nodes.EXECUTORS[node["kind"]](ctx)
         except BaseException:
-            ctx.record_calls()  # a paid call is on record before the step moves on
+            ctx.record_pending_call()  # a paid call is on record before the step moves on
             raise
         finally:
             _leases.release(step)
@@ -310,7 +310,7 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
     step = ctx.step
     message = f"database error: {exc}"[:2000]
     try:
-        ctx.record_calls()  # a call already paid for is replayed, not made again
+        ctx.record_pending_call()  # a call already paid for is replayed, not made again
         if step.attempt >= MAX_CLAIMS:
             _after_failure(ctx, "transient", f"gave up after {step.attempt} attempts: {message}")
             return
@@ -340,8 +340,8 @@ _STOPPED = RawSQL(
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
-    # No ordering (first() would sort by Step's default ordering): a quarter of this query's
-    # CPU goes to compiling it, and there is only one row.
+    # Not first(): it adds Step's default ORDER BY, a quarter of this query's CPU to compile,
+    # for one row.
     found = (
         Step.objects.filter(pk=step_id)
         .select_related("run", "run__workflow", "run__version")
@@ -538,22 +538,22 @@ def _save_waiting(ctx: StepContext, reason: str) -> None:
 
 def _after_success(ctx: StepContext, text: str, output) -> None:
     """Save the output and advance, in one transaction with the step's last LLM call (which a
-    first attempt stores only now: runs/context.py `record_calls`)."""
+    first attempt stores only now: runs/context.py `record_pending_call`)."""
     from runs import costs
 
     unrecorded = ctx.unrecorded
     try:
         with _writing():
             run = _lock_run(ctx.run.pk)
-            records = ctx.record_calls(roll_up=False)
+            record = ctx.record_pending_call(roll_up=False)
             if _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
                 key = ctx.node.get("output_key") or ctx.node["id"]
                 if ctx.node["kind"] != "parallel":
                     run.state = {**run.state, key: output}
                     run.save(update_fields=["state", "updated_at"])
                 _advance(run, ctx.spec, ctx.step, outcome="success")
-            # Last: the day's rollup row of a busy key is shared by every run that uses it.
-            for record in records:
+            if record is not None:
+                # Last: the day's rollup row of a busy key is shared by every run using it.
                 costs.add_to_daily_usage(record)
     except LeaseLost:
         log.info("step %s: lease lost, dropping this attempt", ctx.step.pk)

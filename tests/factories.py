@@ -1,5 +1,7 @@
 """Plain helpers that make the objects tests need."""
 
+from runs import engine
+from runs.models import Run, Step
 from teams.models import Agent, Role, Tool, Workflow
 
 
@@ -55,3 +57,14 @@ def pipeline_spec(*agent_names: str, prompt: str = "Work on {topic}") -> dict:
         "nodes": nodes,
         "edges": edges,
     }
+
+
+def silent_run(spec: dict, owner) -> tuple[Run, Step]:
+    """A queued run whose entry step no doorbell announced (created under the stop switch,
+    then set queued behind the engine's back), so only the test executes it."""
+    workflow = make_workflow(spec, owner=owner)
+    engine.set_stop_everything(True, owner)
+    run = engine.start_run(workflow.latest_version(), {"topic": "one task"}, owner)
+    engine.set_stop_everything(False, owner)
+    Run.objects.filter(pk=run.pk).update(status=Run.QUEUED, blocked_on="")
+    return run, run.steps.get()

@@ -7,7 +7,7 @@ from celery.signals import before_task_publish
 
 from runs import engine
 from runs.models import Run, Step
-from tests.factories import make_agent, make_workflow, pipeline_spec
+from tests.factories import make_agent, pipeline_spec, silent_run
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +24,6 @@ def doorbells():
     before_task_publish.connect(record, weak=False)
     yield rung
     before_task_publish.disconnect(record)
-
-
-def silent_run(spec: dict, owner) -> tuple[Run, Step]:
-    """A queued run whose entry step no doorbell announced (created under the stop switch,
-    then set queued behind the engine's back), so only this test executes it."""
-    workflow = make_workflow(spec, owner=owner)
-    engine.set_stop_everything(True, owner)
-    run = engine.start_run(workflow.latest_version(), {"topic": "one task"}, owner)
-    engine.set_stop_everything(False, owner)
-    Run.objects.filter(pk=run.pk).update(status=Run.QUEUED, blocked_on="")
-    return run, run.steps.get()
 
 
 @pytest.mark.django_db(transaction=True)
