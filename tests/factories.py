@@ -59,6 +59,22 @@ def pipeline_spec(*agent_names: str, prompt: str = "Work on {topic}") -> dict:
     }
 
 
+def fan_out_spec(*agent_names: str, prompt: str = "On {topic}") -> dict:
+    """A parallel node "fan" -> one agent node per name -> a join "gather"."""
+    return {
+        "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}}},
+        "nodes": [
+            {"id": "fan", "kind": "parallel"},
+            *({"id": n, "kind": "agent", "agent": n, "prompt": prompt} for n in agent_names),
+            {"id": "gather", "kind": "join"},
+        ],
+        "edges": [
+            *({"source": "fan", "target": n} for n in agent_names),
+            *({"source": n, "target": "gather"} for n in agent_names),
+        ],
+    }
+
+
 def silent_run(spec: dict, owner) -> tuple[Run, Step]:
     """A queued run whose entry step no doorbell announced (created under the stop switch,
     then set queued behind the engine's back), so only the test executes it."""

@@ -7,7 +7,7 @@ from celery.signals import before_task_publish
 
 from runs import engine
 from runs.models import Run, Step
-from tests.factories import make_agent, pipeline_spec, silent_run
+from tests.factories import fan_out_spec, make_agent, pipeline_spec, silent_run
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +48,7 @@ def test_a_pipeline_runs_to_the_end_in_one_task_without_a_doorbell(alice, doorbe
 def test_a_fan_out_keeps_one_branch_and_rings_for_the_others(celery_worker, alice, doorbells):
     for name in ("a", "b", "c"):
         make_agent(name)
-    spec = {
-        "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}}},
-        "nodes": [
-            {"id": "fan", "kind": "parallel"},
-            *({"id": n, "kind": "agent", "agent": n, "prompt": "On {topic}"} for n in "abc"),
-            {"id": "gather", "kind": "join"},
-        ],
-        "edges": [
-            *({"source": "fan", "target": n} for n in "abc"),
-            *({"source": n, "target": "gather"} for n in "abc"),
-        ],
-    }
+    spec = fan_out_spec("a", "b", "c")
     run, fan = silent_run(spec, alice)
 
     engine.execute_steps(fan.pk)  # the fan step, one branch, and maybe the join: the worker races

@@ -8,7 +8,7 @@ from django.test.utils import CaptureQueriesContext
 
 from runs import engine
 from runs.models import Run, Step, UsageRecord
-from tests.factories import make_agent, pipeline_spec, silent_run
+from tests.factories import fan_out_spec, make_agent, pipeline_spec, silent_run
 
 pytestmark = pytest.mark.integration  # the fan-out rings its branches' doorbells
 
@@ -23,18 +23,7 @@ def statements(captured, prefix: str) -> list[str]:
 def test_a_fan_out_inserts_its_ten_branch_steps_in_one_statement(alice):
     for name in BRANCHES:
         make_agent(name)
-    spec = {
-        "input_schema": {"type": "object", "properties": {"topic": {"type": "string"}}},
-        "nodes": [
-            {"id": "fan", "kind": "parallel"},
-            *({"id": n, "kind": "agent", "agent": n, "prompt": "On {topic}"} for n in BRANCHES),
-            {"id": "gather", "kind": "join"},
-        ],
-        "edges": [
-            *({"source": "fan", "target": n} for n in BRANCHES),
-            *({"source": n, "target": "gather"} for n in BRANCHES),
-        ],
-    }
+    spec = fan_out_spec(*BRANCHES)
     run, fan = silent_run(spec, alice)
 
     with CaptureQueriesContext(connection) as captured:
