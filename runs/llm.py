@@ -196,15 +196,7 @@ def _call_litellm(kwargs: dict, on_text: Callable[[str], None] | None) -> _Reply
             except Exception:
                 pass
         return reply
-    try:
-        response = _completion_without_litellm_logging(kwargs)
-        text, tool_calls, finish_reason = _parse_message(response)
-    except LLMError:
-        raise
-    except Exception as exc:
-        raise _error_from(exc) from exc
-    usage = getattr(response, "usage", None)
-    return _Reply(text, tool_calls, finish_reason, usage, getattr(response, "model", "") or "")
+    return _answer(lambda: _completion_without_litellm_logging(kwargs))
 
 
 def _call_openai(
@@ -221,14 +213,20 @@ def _call_openai(
         with stream:  # gives the connection back even when on_text stops the stream
             reply, _ = _stream(iter(stream), on_text)
         return reply
+    return _answer(lambda: client.chat.completions.create(**request))
+
+
+def _answer(create: Callable[[], object]) -> _Reply:
+    """A non-streamed call through either client: its answer parsed, any failure an LLMError."""
     try:
-        response = client.chat.completions.create(**request)
+        response = create()
         text, tool_calls, finish_reason = _parse_message(response)
     except LLMError:
         raise
     except Exception as exc:
         raise _error_from(exc) from exc
-    return _Reply(text, tool_calls, finish_reason, response.usage, response.model or "")
+    usage = getattr(response, "usage", None)
+    return _Reply(text, tool_calls, finish_reason, usage, getattr(response, "model", "") or "")
 
 
 @functools.lru_cache(maxsize=64)
