@@ -366,7 +366,7 @@ def _render_messages(stored: list[RunEvent]) -> list[tuple[str, dict]]:
         return []
     # A run's page shows its version's graph; the runs list its workflow and who started it.
     related = ["version", "workflow", "started_by"] if on_dashboard else ["version"]
-    runs = Run.objects.select_related(*related).in_bulk(wanted)
+    runs = Run.objects.select_related(*related).defer(*fragments.VERSION_SPEC).in_bulk(wanted)
     messages = []
     for run_id, run_events in by_run.items():
         run = runs.get(run_id)

@@ -29,6 +29,8 @@ from runs.models import Run, RunEvent, Step
 from teams.spec import entry_node, node_map
 
 DASHBOARD_KINDS = {"run.created", "run.status", "run.totals"}
+# A run's version without the columns `engine.spec_of` reads once per process and caches.
+VERSION_SPEC = ("version__spec", "version__layout")
 
 # What a node in the graph shows for its latest step; nodes that never ran are "idle".
 NODE_STATUS_LABELS = {
@@ -539,7 +541,7 @@ def render_events(events: list[RunEvent], run: Run | None = None) -> str:
     if not events:
         return ""
     if run is None:
-        run = Run.objects.select_related("version").get(pk=events[0].run_id)
+        run = Run.objects.select_related("version").defer(*VERSION_SPEC).get(pk=events[0].run_id)
     kinds = {event.kind for event in events}
     step_ids = {
         e.payload["step_id"]
@@ -557,7 +559,7 @@ def render_events(events: list[RunEvent], run: Run | None = None) -> str:
             .prefetch_related("tool_call_records")
             .order_by("created_at", "id")
         )
-    spec_nodes = node_map(run.version.get_spec())
+    spec_nodes = node_map(engine.spec_of(run.version))
     node_ids = {step.node_id for step in steps if step.node_id in spec_nodes}
     # One light query serves both the nodes' latest steps and the header's running steps.
     wanted = Q(node_id__in=node_ids)

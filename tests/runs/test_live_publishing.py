@@ -14,7 +14,7 @@ from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from runs import events, fragments
+from runs import engine, events, fragments
 from runs.consumers import RunConsumer
 from runs.models import Run, Step
 from tests.factories import make_agent, make_workflow
@@ -382,6 +382,7 @@ def test_a_batch_costs_the_queries_of_one_event(workflow, alice):
             events.append_event(run.pk, kind, {"step_id": step.pk, "node_id": step.node_id})
     events.append_event(run.pk, "step.finished", {"step_id": first.pk, "node_id": "a"})
     stored = list(run.events.order_by("seq"))
+    engine.spec_of(run.version)  # the graph's spec: read once per process
 
     with CaptureQueriesContext(connection) as one:
         fragments.render_events(stored[:1])
