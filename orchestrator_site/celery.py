@@ -1,7 +1,7 @@
 import os
 import sys
 
-from celery import Celery, signals
+from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
@@ -22,13 +22,3 @@ def worker_command(
     if hostname:
         command += ["--hostname", hostname]
     return [*command, *extra, "--loglevel", loglevel]
-
-
-@signals.worker_init.connect
-def _switch_threads_often(**_):
-    """A worker's threads mostly wait on I/O and hand work to each other (the pool, the
-    publisher, the sender), and each wake-up waits for the GIL. CPython lets a busy thread keep
-    it for 5 ms; at 1 ms a step's queries and a rendered event wait less behind another step's
-    Python. `make bench` on 2 cores: W1 33 -> 28 ms per step, W3 6.5 -> 5.4 s, live p99 90 -> 70 ms
-    (0.3 ms was slower again: too many switches)."""
-    sys.setswitchinterval(0.001)
