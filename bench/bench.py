@@ -156,6 +156,24 @@ def machine() -> dict:
     }
 
 
+def reference_ms(compiles: int = 50, repeats: int = 5) -> float:
+    """How fast this machine is right now: milliseconds to compile the engine's claim query
+    (step, run, workflow, version) `compiles` times, best of `repeats`. Pure Python and no I/O,
+    the kind of work most of a step's CPU goes to. The development VM's speed drifts by tens of
+    percent within an hour (docs/benchmarks.md): two runs' figures compare only at similar
+    reference values. Measured before every phase, with the stack idle."""
+    from runs.models import Step
+
+    query = Step.objects.filter(pk=1).select_related("run__workflow", "run__version").query
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(compiles):
+            query.get_compiler("default").as_sql()
+        best = min(best, time.perf_counter() - began)
+    return best * 1000
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -317,7 +335,8 @@ def run_phases(
         if name not in args.phases:
             return
         sampler.phase = name
-        print(f"bench: {name} ...", flush=True)
+        reference = results.setdefault("reference_ms", {})[name] = reference_ms()
+        print(f"bench: {name} ... (machine reference {reference:.1f} ms)", flush=True)
         began = time.monotonic()
         try:
             body()
@@ -611,6 +630,14 @@ def run_phases(
         phase("profile", [("profile_queries", "Profile: queries per step", "queries")], profile)
     finally:
         listener.stop()
+    rows.append(
+        Row(
+            "reference_ms",
+            "Machine: reference work before each phase",
+            "ms",
+            summarize(list(results.get("reference_ms", {}).values())),
+        )
+    )
 
 
 def memory_rows(sampler: RssSampler, results: dict, rows: list[Row]) -> None:

@@ -32,6 +32,7 @@ FIGURES = [
     "profile_queries",
     "profile_step_ms",
     "profile_publish_ms",
+    "reference_ms",
 ]
 
 
