@@ -607,6 +607,14 @@ def run_phases(
         )
         rows.append(
             Row(
+                "profile_step_cpu_ms",
+                "Profile: execute_step CPU of its thread",
+                "ms",
+                summarize(results["profile"]["step_cpu_ms"]["samples"]),
+            )
+        )
+        rows.append(
+            Row(
                 "profile_publish_ms",
                 "Profile: publish one event (render + send)",
                 "ms",

@@ -86,7 +86,7 @@ def profile_steps(stack, design, runs: int) -> dict:
     stack.set_llm(reset=True, latency_ms=0)
     _execute_run(design)  # warm: imports LiteLLM, opens connections, fills caches
 
-    samples, query_counts, sql_ms = [], [], []
+    samples, cpu_samples, query_counts, sql_ms = [], [], [], []
     by_phase: Counter = Counter()
     phase_ms: defaultdict = defaultdict(float)
     by_table: Counter = Counter()
@@ -102,11 +102,13 @@ def profile_steps(stack, design, runs: int) -> dict:
                 connection.execute_wrapper(recorder),
                 CaptureQueriesContext(connection) as captured,
             ):
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.thread_time()
                 engine.execute_step(step_id)
                 elapsed = (time.perf_counter() - began) * 1000
+                cpu_ms = (time.thread_time() - began_cpu) * 1000
             steps += 1
             samples.append(elapsed)
+            cpu_samples.append(cpu_ms)
             query_counts.append(len(captured.captured_queries))
             sql_ms.append(sum(ms for _, _, ms in recorder.queries))
             for phase, sql, ms in recorder.queries:
@@ -132,6 +134,8 @@ def profile_steps(stack, design, runs: int) -> dict:
     return {
         "steps": steps,
         "step_ms": {"samples": samples, **summarize(samples)},
+        # This thread's CPU only: not PostgreSQL's, nor the publisher thread's.
+        "step_cpu_ms": {"samples": cpu_samples, **summarize(cpu_samples)},
         "queries_per_step": {"samples": query_counts, **summarize(query_counts)},
         "sql_ms_per_step": summarize(sql_ms),
         "queries_by_phase": {

@@ -31,6 +31,7 @@ FIGURES = [
     "report_runs_member_ms",
     "profile_queries",
     "profile_step_ms",
+    "profile_step_cpu_ms",
     "profile_publish_ms",
     "reference_ms",
 ]
