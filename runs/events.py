@@ -171,8 +171,9 @@ def _write(run_id: int, items: list[tuple[str, dict | None]]) -> None:
         transaction.on_commit(lambda: [_publisher.put(event) for event in created])
 
 
-_EVENT_FIELDS = [RunEvent._meta.get_field(name) for name in ("run", "seq", "kind", "payload")]
-_EVENT_FIELDS.append(RunEvent._meta.get_field("created_at"))
+_EVENT_FIELDS = [
+    RunEvent._meta.get_field(name) for name in ("run", "seq", "kind", "payload", "created_at")
+]
 
 
 def _insert(created: list[RunEvent]) -> None:
