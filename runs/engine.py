@@ -22,6 +22,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter, defaultdict
 from datetime import timedelta
 from decimal import Decimal
 
@@ -39,7 +40,7 @@ from django.db import (
 from django.db.models import F, Max, Q
 from django.utils import timezone
 
-from runs import events, nodes
+from runs import events, nodes, rows
 from runs.context import (
     ApprovalRejected,
     BudgetExceeded,
@@ -148,44 +149,70 @@ def _create_step(run: Run, spec: dict, node_id: str, branches: list) -> Step | N
 
 def _create_steps(run: Run, spec: dict, targets: list[tuple[str, list]]) -> list[Step]:
     """Insert the next iteration of each (node, branches) target, pending, and ring their
-    doorbells after commit. A fan-out's branches are written together: one query for the
-    iterations, one insert, one step count update and one event write, whatever their number.
+    doorbells after commit. A fan-out's branches are written together: one insert (which
+    numbers the iterations), one step count update and one event write, whatever their number.
     Past the run's max_steps budget nothing is created and the run ends."""
     max_steps = (run.budget or {}).get("max_steps")
     if max_steps and run.step_count + len(targets) > max_steps:
         _finish_run(run, Run.BUDGET_EXCEEDED, f"max steps per run ({max_steps}) reached")
         return []
     nodes = node_map(spec)
-    latest = {}  # node -> its latest iteration in this run; a new run has no steps yet
-    if run.step_count:
-        latest = dict(
-            Step.objects.filter(run=run, node_id__in={node_id for node_id, _ in targets})
-            .order_by()
-            .values("node_id")
-            .annotate(n=Max("iteration"))
-            .values_list("node_id", "n")
-        )
-    steps = []
-    for node_id, branches in targets:
-        iteration = latest.get(node_id)
-        latest[node_id] = iteration = 0 if iteration is None else iteration + 1
-        steps.append(
-            Step(
-                run=run,
-                node_id=node_id,
-                kind=nodes[node_id]["kind"],
-                iteration=iteration,
-                branches=branches,
-            )
-        )
-    steps = Step.objects.bulk_create(steps)
+    steps = [
+        Step(run=run, node_id=node_id, kind=nodes[node_id]["kind"], branches=branches)
+        for node_id, branches in targets
+    ]
+    _insert_steps(steps)
     run.step_count += len(steps)
-    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + len(steps))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {rows.table(Run)} SET step_count = step_count + %s WHERE id = %s",
+            [len(steps), run.pk],
+        )
     events.append_events(run.pk, [("step.created", _step_payload(step)) for step in steps])
     if run.status != Run.PAUSED:
         for step in steps:
             _enqueue(step.pk)
     return steps
+
+
+_STEP_FIELDS = [f for f in Step._meta.concrete_fields if not f.primary_key]
+
+
+def _insert_steps(steps: list[Step]) -> None:
+    """Insert new steps of one run in one statement, each the next iteration of its node: the
+    database counts the iterations (the caller holds the run's lock, so no one else adds any),
+    and hands back the ids. Written out because the ORM needed a query for the iterations and
+    twice the CPU of the INSERT to build it; each value is still prepared by its model field."""
+    q = connection.ops.quote_name
+    columns = ", ".join(q(field.column) for field in _STEP_FIELDS)
+    iteration = (
+        f"(SELECT COALESCE(MAX(iteration), -1) + 1 + %s FROM {rows.table(Step)} "
+        "WHERE run_id = %s AND node_id = %s)"
+    )
+    values, params, seen = [], [], Counter()
+    for step in steps:
+        row = []
+        for field in _STEP_FIELDS:
+            if field.name == "iteration":
+                row.append(iteration)
+                params += [seen[step.node_id], step.run_id, step.node_id]
+            else:
+                row.append("%s")
+                params.append(field.get_db_prep_save(field.pre_save(step, True), connection))
+        seen[step.node_id] += 1
+        values.append(f"({', '.join(row)})")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {rows.table(Step)} ({columns}) VALUES {', '.join(values)} "
+            "RETURNING id, node_id, iteration",
+            params,
+        )
+        by_node = defaultdict(list)
+        for pk, node_id, number in sorted(cursor.fetchall(), key=lambda row: row[2]):
+            by_node[node_id].append((pk, number))
+    for step in steps:  # a node's steps were numbered in list order
+        step.pk, step.iteration = by_node[step.node_id].pop(0)
+        step._state.adding, step._state.db = False, connection.alias
 
 
 def _enqueue(step_id: int, countdown: float | None = None) -> None:
@@ -327,77 +354,55 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
         log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
 
-# The claim's two statements, written out once per process from the models' fields. Through
-# the ORM the SELECT (step, run, workflow, version: 80 columns and a join each) took about 2.7 ms
-# of CPU to compile on every step, for a statement PostgreSQL answers in 0.5, and the UPDATE
-# 0.8 ms more. The workflow's draft and layout and the version's spec and layout stay unread:
-# no step uses the first two, and spec_of() caches the spec.
-_CLAIMED_ROWS = [
-    (Step, "s", ()),
-    (Run, "r", ()),
-    (Workflow, "w", ("draft", "layout")),
-    (WorkflowVersion, "v", ("spec", "layout")),
-]
+# The claim's two statements, written out once per process (runs/rows.py): through the ORM
+# they cost about 3.5 ms of CPU per step. The workflow's draft and layout and the version's spec
+# and layout stay unread: no step uses the first two, and spec_of() caches the spec.
+_CLAIMED = rows.Rows(
+    [
+        (Step, "s", ()),
+        (Run, "r", ()),
+        (Workflow, "w", ("draft", "layout")),
+        (WorkflowVersion, "v", ("spec", "layout")),
+    ]
+)
 
 
 @functools.cache
-def _claim_statements(vendor: str) -> tuple[str, str, list]:
-    """(the SELECT, the UPDATE, per model: (model, attnames, [(index, column, converters)])).
-    The converters turn database values into Python ones, as the ORM would (per vendor)."""
-    ops, q = connection.ops, connection.ops.quote_name
-    columns, models = [], []
-    for model, alias, left_out in _CLAIMED_ROWS:
-        fields = [f for f in model._meta.concrete_fields if f.name not in left_out]
-        columns += [f"{q(alias)}.{q(f.column)}" for f in fields]
-        converters = []
-        for index, field in enumerate(fields):
-            column = field.get_col(alias)
-            found = ops.get_db_converters(column) + column.get_db_converters(connection)
-            if found:
-                converters.append((index, column, found))
-        models.append((model, [f.attname for f in fields], converters))
-    switch, on = q(Switch._meta.db_table), q(Switch._meta.get_field("on").column)
+def _claim_statements(vendor: str) -> tuple[str, str]:
+    q = connection.ops.quote_name
+    switch, on = rows.table(Switch), q(Switch._meta.get_field("on").column)
     select = (
-        f"SELECT {', '.join(columns)}, "
+        f"SELECT {_CLAIMED.columns()}, "
         f"EXISTS (SELECT 1 FROM {switch} WHERE {switch}.name = %s AND {switch}.{on}) "
-        f"FROM {q(Step._meta.db_table)} {q('s')} "
-        f"INNER JOIN {q(Run._meta.db_table)} {q('r')} ON {q('r')}.id = {q('s')}.run_id "
-        f"INNER JOIN {q(Workflow._meta.db_table)} {q('w')} ON {q('w')}.id = {q('r')}.workflow_id "
-        f"INNER JOIN {q(WorkflowVersion._meta.db_table)} {q('v')} "
-        f"ON {q('v')}.id = {q('r')}.version_id "
+        f"FROM {rows.table(Step)} {q('s')} "
+        f"INNER JOIN {rows.table(Run)} {q('r')} ON {q('r')}.id = {q('s')}.run_id "
+        f"INNER JOIN {rows.table(Workflow)} {q('w')} ON {q('w')}.id = {q('r')}.workflow_id "
+        f"INNER JOIN {rows.table(WorkflowVersion)} {q('v')} ON {q('v')}.id = {q('r')}.version_id "
         f"WHERE {q('s')}.id = %s"
     )
     # Compare-and-swap: pending, or running with an expired lease (its worker died), and still
     # the attempt we read.
     update = (
-        f"UPDATE {q(Step._meta.db_table)} SET status = %s, attempt = %s, lease_until = %s, "
+        f"UPDATE {rows.table(Step)} SET status = %s, attempt = %s, lease_until = %s, "
         f"started_at = %s WHERE id = %s AND attempt = %s "
         f"AND (status = %s OR (status = %s AND lease_until < %s))"
     )
-    return select, update, models
+    return select, update
 
 
 def _claimed_row(step_id: int) -> Step | None:
     """The step, its run, the run's workflow and version, and whether everything is stopped."""
-    select, _, models = _claim_statements(connection.vendor)
+    select, _ = _claim_statements(connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(select, [STOP_EVERYTHING, step_id])
         row = cursor.fetchone()
     if row is None:
         return None
-    instances, start = [], 0
-    for model, attnames, converters in models:
-        values = list(row[start : start + len(attnames)])
-        start += len(attnames)
-        for index, column, found in converters:
-            for convert in found:
-                values[index] = convert(values[index], column, connection)
-        instances.append(model.from_db(connection.alias, attnames, values))
-    step, run, workflow, version = instances
-    Step.run.field.set_cached_value(step, run)
-    Run.workflow.field.set_cached_value(run, workflow)
-    Run.version.field.set_cached_value(run, version)
-    step.stopped = bool(row[start])
+    step, run, workflow, version = _CLAIMED.read(row)
+    rows.set_cached(step, "run", run)
+    rows.set_cached(run, "workflow", workflow)
+    rows.set_cached(run, "version", version)
+    step.stopped = bool(row[_CLAIMED.width()])
     return step
 
 
@@ -420,7 +425,7 @@ def _claim(step_id: int) -> Step | None:
     started_at = step.started_at or now
     # The attempt we read is part of the swap: if anyone claimed it since, we lose. On its
     # own (autocommit), so the step row is never held while the run row is awaited.
-    _, update, _ = _claim_statements(connection.vendor)
+    _, update = _claim_statements(connection.vendor)
     moment = Step._meta.get_field("lease_until")
     with connection.cursor() as cursor:
         cursor.execute(
@@ -520,10 +525,22 @@ def _writing():
         yield
 
 
+_RUN = rows.Rows([(Run, "r", ())])
+
+
 def _lock_run(run_id: int) -> Run:
-    """Lock the run row. Every transaction that writes a run and its steps locks the run
-    first, so two of them can never wait on each other (PostgreSQL would kill one)."""
-    return Run.objects.select_for_update(no_key=True).get(pk=run_id)
+    """Lock the run row and read it. Every transaction that writes a run and its steps locks
+    the run first, so two of them can never wait on each other (PostgreSQL would kill one).
+    Written out (runs/rows.py): every step does it. SQLite locks the whole file on the first
+    write instead, and has no FOR UPDATE."""
+    lock = " FOR NO KEY UPDATE" if connection.features.has_select_for_no_key_update else ""
+    with connection.cursor() as cursor:
+        sql = f"SELECT {_RUN.columns()} FROM {rows.table(Run)} r WHERE r.id = %s{lock}"
+        cursor.execute(sql, [run_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise Run.DoesNotExist(f"run {run_id} does not exist")
+    return _RUN.read(row)[0]
 
 
 def _mine(ctx: StepContext):

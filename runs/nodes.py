@@ -11,7 +11,9 @@ import json
 import re
 
 import jsonschema
+from django.db import connection
 
+from runs import rows
 from runs.context import (
     ApprovalRejected,
     StepContext,
@@ -23,18 +25,46 @@ from runs.context import (
 )
 from runs.llm import loads_model_json
 from runs.models import Run
-from teams.models import Agent, Tool, Workflow
+from teams.models import Agent, Role, Tool, Workflow
 
 CHOICE_LINE = "CHOOSE ONE OF: {options}"
 CHOSEN_LINE = "ALREADY CHOSEN: {options}"
 FINISH = "FINISH"
 
 
+# An agent with its role, and its tools: read by every agent step, so written out once
+# (runs/rows.py) instead of compiled by the ORM each time.
+_AGENT = rows.Rows([(Agent, "a", ()), (Role, "r", ())])
+_TOOL = rows.Rows([(Tool, "t", ())])
+
+
 def get_agent(name: str) -> Agent:
-    agent = next(iter(Agent.objects.filter(name=name).select_related("role").order_by()[:1]), None)
-    if agent is None:
+    sql = (
+        f"SELECT {_AGENT.columns()} FROM {rows.table(Agent)} a "
+        f"INNER JOIN {rows.table(Role)} r ON r.id = a.role_id WHERE a.name = %s LIMIT 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [name])
+        row = cursor.fetchone()
+    if row is None:
         raise StepFailed("permanent", f"agent {name!r} does not exist")
+    agent, role = _AGENT.read(row)
+    rows.set_cached(agent, "role", role)
     return agent
+
+
+def tools_of(agent: Agent) -> list[Tool]:
+    """The agent's tools by name, as `agent.tools.all()` gives them."""
+    through = Agent.tools.through._meta
+    sql = (
+        f"SELECT {_TOOL.columns()} FROM {rows.table(Tool)} t "
+        f"INNER JOIN {connection.ops.quote_name(through.db_table)} x "
+        f"ON x.{through.get_field('tool').column} = t.id "
+        f"WHERE x.{through.get_field('agent').column} = %s ORDER BY t.name"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [agent.pk])
+        return [_TOOL.read(row)[0] for row in cursor.fetchall()]
 
 
 def system_prompt(agent: Agent, output_schema: dict | None = None) -> str:
@@ -73,7 +103,7 @@ def run_agent(
     Returns (text, parsed output). A reply that misses its schema (or is empty) gets one repair
     prompt; then a StepFailed("semantic").
     """
-    tools = {t.name: t for t in agent.tools.all()}
+    tools = {t.name: t for t in tools_of(agent)}
     offered = [t.as_function() for t in tools.values()] or None
     messages = [
         {"role": "system", "content": system_prompt(agent, output_schema)},

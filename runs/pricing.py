@@ -9,10 +9,11 @@ recorded at 0 as "unpriced" so reports show what still needs a price.
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import DecimalField, ExpressionWrapper, F, Value
 from django.utils import timezone
 
+from runs import rows
 from runs.costs import rebuild_daily_usage
 from runs.models import ModelPrice, UsageRecord
 
@@ -26,13 +27,21 @@ _RATE_FIELD = DecimalField(max_digits=30, decimal_places=18)
 _COST_FIELD = DecimalField(max_digits=14, decimal_places=8)
 
 
+_PRICE = rows.Rows([(ModelPrice, "p", ())])
+
+
 def price_for(model: str, at: datetime) -> ModelPrice | None:
-    """The newest price of `model` that took effect at or before `at` (one query)."""
-    return (
-        ModelPrice.objects.filter(model=model, effective_from__lte=at)
-        .order_by("-effective_from")
-        .first()
+    """The newest price of `model` that took effect at or before `at` (one query, written out:
+    every recorded LLM call asks; runs/rows.py)."""
+    sql = (
+        f"SELECT {_PRICE.columns()} FROM {rows.table(ModelPrice)} p "
+        f"WHERE p.model = %s AND p.effective_from <= %s ORDER BY p.effective_from DESC LIMIT 1"
     )
+    moment = ModelPrice._meta.get_field("effective_from").get_db_prep_value(at, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [model, moment])
+        row = cursor.fetchone()
+    return None if row is None else _PRICE.read(row)[0]
 
 
 def compute_cost(
