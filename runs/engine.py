@@ -534,13 +534,12 @@ def _lock_run(run_id: int) -> Run:
     Written out (runs/rows.py): every step does it. SQLite locks the whole file on the first
     write instead, and has no FOR UPDATE."""
     lock = " FOR NO KEY UPDATE" if connection.features.has_select_for_no_key_update else ""
-    with connection.cursor() as cursor:
-        sql = f"SELECT {_RUN.columns()} FROM {rows.table(Run)} r WHERE r.id = %s{lock}"
-        cursor.execute(sql, [run_id])
-        row = cursor.fetchone()
-    if row is None:
+    found = _RUN.first(
+        f"SELECT {_RUN.columns()} FROM {rows.table(Run)} r WHERE r.id = %s{lock}", [run_id]
+    )
+    if found is None:
         raise Run.DoesNotExist(f"run {run_id} does not exist")
-    return _RUN.read(row)[0]
+    return found[0]
 
 
 def _mine(ctx: StepContext):

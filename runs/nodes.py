@@ -43,12 +43,10 @@ def get_agent(name: str) -> Agent:
         f"SELECT {_AGENT.columns()} FROM {rows.table(Agent)} a "
         f"INNER JOIN {rows.table(Role)} r ON r.id = a.role_id WHERE a.name = %s LIMIT 1"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [name])
-        row = cursor.fetchone()
-    if row is None:
+    found = _AGENT.first(sql, [name])
+    if found is None:
         raise StepFailed("permanent", f"agent {name!r} does not exist")
-    agent, role = _AGENT.read(row)
+    agent, role = found
     rows.set_cached(agent, "role", role)
     return agent
 
@@ -62,9 +60,7 @@ def tools_of(agent: Agent) -> list[Tool]:
         f"ON x.{through.get_field('tool').column} = t.id "
         f"WHERE x.{through.get_field('agent').column} = %s ORDER BY t.name"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [agent.pk])
-        return [_TOOL.read(row)[0] for row in cursor.fetchall()]
+    return [tool for (tool,) in _TOOL.all(sql, [agent.pk])]
 
 
 def system_prompt(agent: Agent, output_schema: dict | None = None) -> str:

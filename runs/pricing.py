@@ -38,10 +38,8 @@ def price_for(model: str, at: datetime) -> ModelPrice | None:
         f"WHERE p.model = %s AND p.effective_from <= %s ORDER BY p.effective_from DESC LIMIT 1"
     )
     moment = ModelPrice._meta.get_field("effective_from").get_db_prep_value(at, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [model, moment])
-        row = cursor.fetchone()
-    return None if row is None else _PRICE.read(row)[0]
+    found = _PRICE.first(sql, [model, moment])
+    return None if found is None else found[0]
 
 
 def compute_cost(

@@ -8,7 +8,7 @@ turned into instances with the same converters the ORM applies (JSON, decimals, 
 
     AGENT = Rows([(Agent, "a", ()), (Role, "r", ())])
     sql = f"SELECT {AGENT.columns()} FROM ... WHERE a.name = %s"
-    agent, role = AGENT.read(row)  # one instance per model, in order
+    agent, role = AGENT.first(sql, [name])  # one instance per model, in order (or None)
 
 Relations between them are the caller's to set (`set_cached`), so `agent.role` needs no query.
 Fields left out come back deferred: reading one runs a query, as with the ORM's `defer()`.
@@ -46,6 +46,18 @@ class Rows:
                     values[index] = convert(values[index], column, connection)
             instances.append(model.from_db(connection.alias, attnames, values))
         return instances
+
+    def first(self, sql: str, params: list) -> list[Model] | None:
+        """Run `sql` (a SELECT of `columns()`) and read its first row; None without one."""
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        return None if row is None else self.read(row)
+
+    def all(self, sql: str, params: list) -> list[list[Model]]:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return [self.read(row) for row in cursor.fetchall()]
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 (a few module-level instances, never freed)
     def _layout(self, vendor: str) -> tuple[str, list]:

@@ -1,0 +1,92 @@
+"""runs/rows.py: the hand-written SELECTs of the step's hot path read the same values the ORM
+reads (JSON, decimals, dates, on SQLite and PostgreSQL alike), and leave out what they say."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.db.models import Model
+from django.utils import timezone
+
+from runs import engine, nodes, pricing, rows
+from runs.models import ModelPrice, Run, Step
+from tests.factories import make_agent, make_tool, pipeline_spec, silent_run
+
+pytestmark = pytest.mark.django_db
+
+
+def same_values(read: Model, expected: Model, left_out: tuple = ()) -> None:
+    for field in type(expected)._meta.concrete_fields:
+        if field.name in left_out:
+            assert field.attname in read.get_deferred_fields()
+        else:
+            assert getattr(read, field.attname) == getattr(expected, field.attname), field.name
+
+
+def test_a_row_reads_every_field_as_the_orm_does(alice):
+    run, _ = silent_run(pipeline_spec("writer"), alice)
+    Run.objects.filter(pk=run.pk).update(
+        state={"notes": ["é", 1.5, None]}, cost=Decimal("0.12345678"), started_at=timezone.now()
+    )
+    expected = Run.objects.get(pk=run.pk)
+    reader = rows.Rows([(Run, "r", ())])
+
+    (read,) = reader.first(
+        f"SELECT {reader.columns()} FROM {rows.table(Run)} r WHERE r.id = %s", [run.pk]
+    )
+
+    same_values(read, expected)
+    assert isinstance(read.cost, Decimal) and read.started_at.tzinfo is not None
+    assert read._state.adding is False and read._state.db == connection.alias
+
+
+def test_the_claim_reads_the_step_with_its_run_workflow_and_version_in_one_query(alice):
+    run, step = silent_run(pipeline_spec("writer"), alice)
+    make_agent("writer")
+
+    found = engine._claimed_row(step.pk)
+
+    same_values(found, Step.objects.get(pk=step.pk))
+    same_values(found.run, Run.objects.get(pk=run.pk))
+    same_values(found.run.workflow, run.workflow, left_out=("draft", "layout"))
+    same_values(found.run.version, run.version, left_out=("spec", "layout"))
+    assert found.stopped is False
+    assert engine._claimed_row(step.pk + 1000) is None
+
+
+def test_an_agent_comes_with_its_role_and_its_tools_by_name(alice):
+    tools = [make_tool("zeta", "baton.calculator"), make_tool("alpha", "baton.calculator")]
+    agent = make_agent("writer", tools=tools, system_prompt="Be brief")
+
+    read = nodes.get_agent("writer")
+
+    same_values(read, agent)
+    assert read.role.name == agent.role.name
+    assert [t.name for t in nodes.tools_of(read)] == ["alpha", "zeta"]
+
+
+def test_the_price_in_force_is_the_newest_that_started_before_the_call():
+    now = timezone.now()
+    ModelPrice.objects.create(model="m", input_per_1m=1, effective_from=now - timedelta(days=2))
+    newer = ModelPrice.objects.create(
+        model="m", input_per_1m=Decimal("2.5"), effective_from=now - timedelta(days=1)
+    )
+    ModelPrice.objects.create(model="m", input_per_1m=9, effective_from=now + timedelta(days=1))
+
+    same_values(pricing.price_for("m", now), newer)
+    assert pricing.price_for("m", now - timedelta(days=3)) is None
+    assert pricing.price_for("other", now) is None
+
+
+def test_one_insert_numbers_the_iterations_of_each_node(alice):
+    run, step = silent_run(pipeline_spec("writer"), alice)
+    again = [Step(run=run, node_id=step.node_id, kind="agent") for _ in range(2)]
+
+    engine._insert_steps([*again, Step(run=run, node_id="other", kind="agent")])
+
+    assert [s.iteration for s in again] == [1, 2]
+    assert sorted(run.steps.values_list("node_id", "iteration")) == sorted(
+        [(step.node_id, 0), (step.node_id, 1), (step.node_id, 2), ("other", 0)]
+    )
+    assert all(s.pk and Step.objects.get(pk=s.pk).created_at for s in again)
