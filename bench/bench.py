@@ -159,10 +159,11 @@ def machine() -> dict:
 def reference_ms(compiles: int = 50, repeats: int = 5) -> float:
     """How fast this machine is right now: milliseconds to compile a four-table ORM query (step,
     run, workflow, version: the claim's SELECT before the engine wrote it out) `compiles`
-    times, best of `repeats`. The query stays the same so that references stay comparable. Pure Python and no I/O,
-    the kind of work most of a step's CPU goes to. The development VM's speed drifts by tens of
-    percent within an hour (docs/benchmarks.md): two runs' figures compare only at similar
-    reference values. Measured before every phase, with the stack idle."""
+    times, best of `repeats`. The query stays the same so that references stay comparable.
+    Pure Python and no I/O, the kind of work most of a step's CPU goes to. The development
+    VM's speed drifts by tens of percent within an hour (docs/benchmarks.md): two runs'
+    figures compare only at similar reference values. Measured before every phase, with the
+    stack idle."""
     from runs.models import Step
 
     query = Step.objects.filter(pk=1).select_related("run__workflow", "run__version").query

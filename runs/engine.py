@@ -369,16 +369,15 @@ _CLAIMED = rows.Rows(
 
 @functools.cache
 def _claim_statements(vendor: str) -> tuple[str, str]:
-    q = connection.ops.quote_name
-    switch, on = rows.table(Switch), q(Switch._meta.get_field("on").column)
+    on = connection.ops.quote_name(Switch._meta.get_field("on").column)
     select = (
         f"SELECT {_CLAIMED.columns()}, "
-        f"EXISTS (SELECT 1 FROM {switch} WHERE {switch}.name = %s AND {switch}.{on}) "
-        f"FROM {rows.table(Step)} {q('s')} "
-        f"INNER JOIN {rows.table(Run)} {q('r')} ON {q('r')}.id = {q('s')}.run_id "
-        f"INNER JOIN {rows.table(Workflow)} {q('w')} ON {q('w')}.id = {q('r')}.workflow_id "
-        f"INNER JOIN {rows.table(WorkflowVersion)} {q('v')} ON {q('v')}.id = {q('r')}.version_id "
-        f"WHERE {q('s')}.id = %s"
+        f"EXISTS (SELECT 1 FROM {rows.table(Switch)} x WHERE x.name = %s AND x.{on}) "
+        f"FROM {rows.table(Step)} s "
+        f"INNER JOIN {rows.table(Run)} r ON r.id = s.run_id "
+        f"INNER JOIN {rows.table(Workflow)} w ON w.id = r.workflow_id "
+        f"INNER JOIN {rows.table(WorkflowVersion)} v ON v.id = r.version_id "
+        f"WHERE s.id = %s"
     )
     # Compare-and-swap: pending, or running with an expired lease (its worker died), and still
     # the attempt we read.

@@ -11,7 +11,6 @@ import json
 import re
 
 import jsonschema
-from django.db import connection
 
 from runs import rows
 from runs.context import (
@@ -53,12 +52,11 @@ def get_agent(name: str) -> Agent:
 
 def tools_of(agent: Agent) -> list[Tool]:
     """The agent's tools by name, as `agent.tools.all()` gives them."""
-    through = Agent.tools.through._meta
+    through = Agent.tools.through
     sql = (
         f"SELECT {_TOOL.columns()} FROM {rows.table(Tool)} t "
-        f"INNER JOIN {connection.ops.quote_name(through.db_table)} x "
-        f"ON x.{through.get_field('tool').column} = t.id "
-        f"WHERE x.{through.get_field('agent').column} = %s ORDER BY t.name"
+        f"INNER JOIN {rows.table(through)} x ON x.{through.tool.field.column} = t.id "
+        f"WHERE x.{through.agent.field.column} = %s ORDER BY t.name"
     )
     return [tool for (tool,) in _TOOL.all(sql, [agent.pk])]
 
