@@ -413,11 +413,13 @@ def run_phases(
 
     def w2() -> None:
         data = workloads.fan_out(stack, design, listener, args.w2_runs, args.w2_warmup)
+        timeline = data.pop("timeline_ms")
         results["w2"] = {
             "runs": args.w2_runs,
             "branches": workloads.FANOUT,
             "llm_latency_ms": 500,
             **{k: summarize(v) for k, v in data.items()},
+            "timeline_ms": {k: summarize(v) for k, v in timeline.items()},
         }
         rows.append(
             Row(
@@ -428,14 +430,8 @@ def run_phases(
                 TARGETS["w2_run_ms"],
             )
         )
-        rows.append(
-            Row(
-                "w2_branch_start_spread_ms",
-                "  W2: first to last branch start",
-                "ms",
-                results["w2"]["branch_start_spread_ms"],
-            )
-        )
+        for index, (name, summary) in enumerate(results["w2"]["timeline_ms"].items()):
+            rows.append(Row(f"w2_at_{index}_ms", f"  W2 at: {name}", "ms", summary))
 
     def w3() -> None:
         data = workloads.many_runs(

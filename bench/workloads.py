@@ -22,6 +22,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.db.models import Count, Max, Q
 from django.test import Client
+from django.utils import timezone
 
 from runs import engine, events
 from runs.models import Run, RunEvent, Step, UsageRecord
@@ -395,38 +396,76 @@ def pipeline_breakdown(run_ids: list[int]) -> dict:
 
 
 def fan_out(stack, design: Design, listener: GroupListener, runs: int, warmup: int) -> dict:
-    """W2: one input to 10 agents (500 ms LLM each), then a join; runs one after another."""
+    """W2: one input to 10 agents (500 ms LLM each), then a join; runs one after another.
+    Besides the wall per run, its timeline: when each milestone was reached, in ms after the
+    `start_run` call, from the timestamps the engine stores."""
     stack.set_llm(reset=True, latency_ms=500)
     for _ in range(warmup):
         run = engine.start_run(design.fanout, TOPIC, design.owner)
         _check_succeeded(wait_terminal([run.pk]))
-    walls, spread, join_wait, ids = [], [], [], []
+    walls, ids = [], []
+    timeline: dict[str, list[float]] = {name: [] for name in W2_MILESTONES}
     for _ in range(runs):
-        t0 = time.time()
+        t0 = timezone.now()
         run = engine.start_run(design.fanout, TOPIC, design.owner)
         row = wait_terminal([run.pk])[0]
         _check_succeeded([row])
-        walls.append(row["finished_at"].timestamp() * 1000 - t0 * 1000)
-        branches = list(
-            Step.objects.filter(run=run, node_id__startswith="branch").values(
-                "started_at", "finished_at"
-            )
-        )
-        join = Step.objects.filter(run=run, node_id="gather").values("started_at").get()
-        spread.append(
-            _ms(max(b["started_at"] for b in branches), min(b["started_at"] for b in branches))
-        )
-        join_wait.append(_ms(join["started_at"], max(b["finished_at"] for b in branches)))
+        walls.append(_ms(row["finished_at"], t0))
+        for name, moment in fan_out_milestones(run.pk, row).items():
+            timeline[name].append(_ms(moment, t0))
         ids.append(run.pk)
     published = listener.wait_published(ids)
     return {
         "run_ms": walls,
-        "branch_start_spread_ms": spread,
-        "join_start_after_last_ms": join_wait,
+        "timeline_ms": timeline,
         "dashboard_ms": published["latency_ms"],
         "publish_drain_s": [published["drain_s"]],
         "never_published": [published["never_arrived"]],
     }
+
+
+W2_MILESTONES = (
+    "fan step claimed",
+    "branches created",
+    "first branch claimed",
+    "last branch claimed",
+    "first LLM answer recorded",
+    "last LLM answer recorded",
+    "first branch saved",
+    "last branch saved",
+    "join claimed",
+    "run finished",
+)
+
+
+def fan_out_milestones(run_id: int, row: dict) -> dict:
+    steps = list(
+        Step.objects.filter(run_id=run_id).values(
+            "node_id", "created_at", "started_at", "finished_at"
+        )
+    )
+    branches = [s for s in steps if s["node_id"].startswith("branch")]
+    fan = next(s for s in steps if s["node_id"] == "fan")
+    join = next(s for s in steps if s["node_id"] == "gather")
+    answers = list(UsageRecord.objects.filter(run_id=run_id).values_list("at", flat=True))
+    return dict(
+        zip(
+            W2_MILESTONES,
+            (
+                fan["started_at"],
+                max(b["created_at"] for b in branches),
+                min(b["started_at"] for b in branches),
+                max(b["started_at"] for b in branches),
+                min(answers),
+                max(answers),
+                min(b["finished_at"] for b in branches),
+                max(b["finished_at"] for b in branches),
+                join["started_at"],
+                row["finished_at"],
+            ),
+            strict=True,
+        )
+    )
 
 
 # --- W3: many runs at once ----------------------------------------------------------------------

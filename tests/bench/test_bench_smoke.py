@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.workloads import W2_MILESTONES
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
@@ -76,6 +78,11 @@ def test_quick_benchmark_measures_every_workload_and_writes_its_results(tmp_path
     assert stack["pool"] == "threads" and stack["concurrency"] >= 1
     assert report["details"]["w3"]["runs_at_once"] == 10
     assert report["details"]["profile"]["queries_by_phase"]
+    timeline = {k: v["median"] for k, v in report["details"]["w2"]["timeline_ms"].items()}
+    assert list(timeline) == list(W2_MILESTONES)
+    assert 0 < timeline["fan step claimed"] < timeline["first LLM answer recorded"]
+    assert timeline["first LLM answer recorded"] < timeline["join claimed"]
+    assert timeline["join claimed"] <= timeline["run finished"]
 
     assert "W1 pipeline: wall per run" in result.stdout
     assert "PASS" in result.stdout or "FAIL" in result.stdout
