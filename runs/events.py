@@ -362,19 +362,19 @@ def _render_messages(stored: list[RunEvent]) -> list[tuple[str, dict]]:
     watched = watched_groups((groups + [DASHBOARD_GROUP]) if on_dashboard else groups)
     if DASHBOARD_GROUP not in watched:
         on_dashboard = set()
-    wanted = {run_id for run_id in by_run if run_group(run_id) in watched} | on_dashboard
-    if not wanted:
-        return []
-    # A run's page shows its version's graph; the runs list its workflow and who started it.
-    related = ["version", "workflow", "started_by"] if on_dashboard else ["version"]
-    runs = Run.objects.select_related(*related).defer(*fragments.VERSION_SPEC).in_bulk(wanted)
+    on_page = {run_id for run_id in by_run if run_group(run_id) in watched}
+    # A run's page shows all of the run and its version's graph; the runs list a few columns.
+    runs = (
+        Run.objects.select_related("version").defer(*fragments.VERSION_SPEC).in_bulk(on_page)
+        if on_page
+        else {}
+    )
+    row_runs = fragments.dashboard_runs(on_dashboard)
     messages = []
     for run_id, run_events in by_run.items():
-        run = runs.get(run_id)
-        if run is None:
-            continue
         ordered = [run_events[seq] for seq in sorted(run_events)]
-        if run_group(run_id) in watched:
+        run = runs.get(run_id)
+        if run is not None:
             for stretch in _consecutive(ordered):
                 message = {
                     "type": "run.events",
@@ -384,7 +384,8 @@ def _render_messages(stored: list[RunEvent]) -> list[tuple[str, dict]]:
                     "html": fragments.render_events(stretch, run),
                 }
                 messages.append((run_group(run_id), message))
-        if run_id in on_dashboard:
+        row_run = row_runs.get(run_id)
+        if row_run is not None:
             rows = [e for e in ordered if e.kind in fragments.DASHBOARD_KINDS]
             inserted = any(e.kind == "run.created" for e in rows)
             message = {
@@ -392,7 +393,7 @@ def _render_messages(stored: list[RunEvent]) -> list[tuple[str, dict]]:
                 "run_id": run_id,
                 "seqs": [e.seq for e in rows],
                 "inserted": inserted,
-                "html": fragments.render_dashboard_row(run, inserted),
+                "html": fragments.render_dashboard_row(row_run, inserted),
             }
             messages.append((DASHBOARD_GROUP, message))
     return messages

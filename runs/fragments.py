@@ -20,12 +20,14 @@ from decimal import Decimal
 
 import markdown
 import nh3
+from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
 
-from runs import engine
+from runs import engine, rows
 from runs.models import Run, RunEvent, Step
+from teams.models import Workflow, WorkflowVersion
 from teams.spec import entry_node, node_map
 
 DASHBOARD_KINDS = {"run.created", "run.status", "run.totals"}
@@ -481,6 +483,56 @@ def event_summary(event: RunEvent) -> str:
     if payload.get("error"):
         parts.append(str(payload["error"])[:200])
     return " · ".join(parts)
+
+
+# What a run's row in the runs list shows, of the run, its workflow, its version and who
+# started it: the publisher reads only this for every batch with a dashboard event.
+_User = get_user_model()
+_ROW = rows.Rows(
+    [
+        (
+            Run,
+            "r",
+            rows.all_but(
+                Run,
+                "id",
+                "status",
+                "started_by",
+                "created_at",
+                "started_at",
+                "finished_at",
+                "total_tokens",
+                "cost",
+            ),
+        ),
+        (Workflow, "w", rows.all_but(Workflow, "id", "name")),
+        (WorkflowVersion, "v", rows.all_but(WorkflowVersion, "id", "number")),
+        (_User, "u", rows.all_but(_User, "id", _User.USERNAME_FIELD)),
+    ]
+)
+
+
+def dashboard_runs(run_ids) -> dict[int, Run]:
+    """The runs of these ids, by id, with what their rows in the runs list show, in one
+    written-out query: through the ORM (select_related, in_bulk) it took more CPU than
+    rendering the rows."""
+    if not run_ids:
+        return {}
+    found = _ROW.all(
+        f"SELECT {_ROW.columns()} FROM {rows.table(Run)} r "
+        f"INNER JOIN {rows.table(Workflow)} w ON w.id = r.workflow_id "
+        f"INNER JOIN {rows.table(WorkflowVersion)} v ON v.id = r.version_id "
+        f"LEFT OUTER JOIN {rows.table(_User)} u ON u.id = r.started_by_id "
+        f"WHERE r.id IN ({', '.join(['%s'] * len(run_ids))})",
+        list(run_ids),
+    )
+    runs = {}
+    for run, workflow, version, user in found:
+        rows.set_cached(run, "workflow", workflow)
+        rows.set_cached(run, "version", version)
+        rows.set_cached(run, "started_by", user if run.started_by_id else None)
+        runs[run.pk] = run
+    return runs
 
 
 def run_row_context(run: Run) -> dict:

@@ -76,6 +76,11 @@ class Rows:
         return ", ".join(columns), models
 
 
+def all_but(model: type[Model], *kept: str) -> tuple[str, ...]:
+    """The names of `model`'s fields other than `kept`: a `parts` entry that reads only those."""
+    return tuple(f.name for f in model._meta.concrete_fields if f.name not in kept)
+
+
 def set_cached(instance: Model, relation: str, related: Model) -> None:
     """Make `instance.<relation>` (a foreign key) return `related` without a query."""
     type(instance)._meta.get_field(relation).set_cached_value(instance, related)

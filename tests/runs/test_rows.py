@@ -1,5 +1,6 @@
-"""runs/rows.py: the hand-written SELECTs of the step's hot path read the same values the ORM
-reads (JSON, decimals, dates, on SQLite and PostgreSQL alike), and leave out what they say."""
+"""runs/rows.py: the hand-written SELECTs of the step's hot path and of the publisher read the
+same values the ORM reads (JSON, decimals, dates, on SQLite and PostgreSQL alike), and leave out
+what they say."""
 
 from datetime import timedelta
 from decimal import Decimal
@@ -7,9 +8,10 @@ from decimal import Decimal
 import pytest
 from django.db import connection
 from django.db.models import Model
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from runs import engine, nodes, pricing, rows
+from runs import engine, fragments, nodes, pricing, rows
 from runs.models import ModelPrice, Run, Step
 from tests.factories import make_agent, make_tool, pipeline_spec, silent_run
 
@@ -90,3 +92,27 @@ def test_one_insert_numbers_the_iterations_of_each_node(alice):
         [(step.node_id, 0), (step.node_id, 1), (step.node_id, 2), ("other", 0)]
     )
     assert all(s.pk and Step.objects.get(pk=s.pk).created_at for s in again)
+
+
+def test_the_runs_list_reads_a_row_and_renders_it_as_the_orm_would(alice):
+    run, _ = silent_run(pipeline_spec("writer"), alice)
+    Run.objects.filter(pk=run.pk).update(
+        cost=Decimal("0.0123"),
+        total_tokens=42,
+        started_at=timezone.now() - timedelta(seconds=75),
+        finished_at=timezone.now(),
+    )
+    anonymous = Run.objects.create(workflow=run.workflow, version=run.version, started_by=None)
+
+    found = fragments.dashboard_runs({run.pk, anonymous.pk, anonymous.pk + 1000})
+
+    assert set(found) == {run.pk, anonymous.pk}
+    for pk in found:
+        expected = Run.objects.select_related("workflow", "version", "started_by").get(pk=pk)
+        with CaptureQueriesContext(connection) as queries:
+            html = fragments.render_dashboard_row(found[pk], inserted=False)
+        assert html == fragments.render_dashboard_row(expected, inserted=False)
+        assert not queries.captured_queries
+    assert "alice" in fragments.render_dashboard_row(found[run.pk], inserted=True)
+    assert found[anonymous.pk].started_by is None
+    assert fragments.dashboard_runs(set()) == {}
