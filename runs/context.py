@@ -22,7 +22,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 from django.db.models import F, Q
 from django.utils import timezone
 
-from runs import events, hooks, llm, pricing
+from runs import events, hooks, llm, pricing, rows
 from runs.models import Run, Step, ToolCall, ToolHealth, UsageRecord
 from teams import tools as tool_registry
 from teams.models import Agent, Tool
@@ -435,7 +435,7 @@ class StepContext:
             result.model, result.prompt_tokens, result.completion_tokens, result.cached_tokens, now
         )
         with transaction.atomic():
-            record = UsageRecord.objects.create(
+            record = UsageRecord(
                 run=self.run,
                 step=self.step,
                 epoch=self.step.epoch,
@@ -455,17 +455,23 @@ class StepContext:
                 latency_ms=result.latency_ms,
                 at=now,
             )
+            rows.insert([record])  # written out, as the step's other writes (runs/rows.py)
             # The run's row before the step's: the lock order of every engine transaction.
             total_tokens, total_cost = _add_to_run_totals(
                 self.run.pk, result, cost, estimate_cost, estimate_tokens
             )
-            Step.objects.filter(pk=self.step.pk).update(
-                prompt_tokens=F("prompt_tokens") + result.prompt_tokens,
-                completion_tokens=F("completion_tokens") + result.completion_tokens,
-                total_tokens=F("total_tokens") + result.total_tokens,
-                cost=F("cost") + cost,
-                latency_ms=F("latency_ms") + result.latency_ms,
-                model=result.model[:200],
+            rows.update(
+                Step,
+                "id = %s",
+                [self.step.pk],
+                values={"model": result.model[:200]},
+                add={
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "total_tokens": result.total_tokens,
+                    "cost": cost,
+                    "latency_ms": result.latency_ms,
+                },
             )
             events.append_events(
                 self.run.pk,

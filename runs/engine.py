@@ -579,15 +579,20 @@ def _save_outcome(
 ) -> bool:
     fields = _step_fields(ctx)
     text, output, error = storable(text), storable(output), storable(error)
-    updated = _mine(ctx).update(
-        status=status,
-        output_text=text,
-        output=output,
-        error_kind=error_kind,
-        error=error,
-        finished_at=timezone.now(),
-        lease_until=None,
-        **fields,
+    updated = rows.update(  # written out: every step saves its outcome (runs/rows.py)
+        Step,
+        "id = %s AND status = %s AND attempt = %s",
+        [ctx.step.pk, Step.RUNNING, ctx.step.attempt],
+        values={
+            "status": status,
+            "output_text": text,
+            "output": output,
+            "error_kind": error_kind,
+            "error": error,
+            "finished_at": timezone.now(),
+            "lease_until": None,
+            **fields,
+        },
     )
     if updated:
         ctx.step.status = status
@@ -631,8 +636,13 @@ def _after_success(ctx: StepContext, text: str, output) -> None:
             if _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
                 key = ctx.node.get("output_key") or ctx.node["id"]
                 if ctx.node["kind"] != "parallel":
-                    run.state = {**run.state, key: output}
-                    run.save(update_fields=["state", "updated_at"])
+                    run.state, run.updated_at = {**run.state, key: output}, timezone.now()
+                    rows.update(
+                        Run,
+                        "id = %s",
+                        [run.pk],
+                        values={"state": run.state, "updated_at": run.updated_at},
+                    )
                 _advance(run, ctx.spec, ctx.step, outcome="success")
             if record is not None:
                 # Last: the day's rollup row of a busy key is shared by every run using it.
@@ -867,14 +877,19 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
     _finish_if_idle(run, spec, just_succeeded=step if outcome == "success" else None)
 
 
+_STEP = rows.Rows([(Step, "s", ())])
+
+
 def _open_join(run: Run, spec: dict, join: dict, frame: list | None) -> Step:
     """The join step collecting arrivals for this fan-out (created on the first arrival)."""
-    join_step = (
-        Step.objects.select_for_update()
-        .filter(run=run, node_id=join["id"], status=Step.WAITING)
-        .order_by("-iteration")
-        .first()
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    found = _STEP.first(  # written out: every branch arrives (runs/rows.py)
+        f"SELECT {_STEP.columns()} FROM {rows.table(Step)} s "
+        "WHERE s.run_id = %s AND s.node_id = %s AND s.status = %s "
+        f"ORDER BY s.iteration DESC LIMIT 1{lock}",
+        [run.pk, join["id"], Step.WAITING],
     )
+    join_step = found[0] if found else None
     if join_step is None:
         latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
         iteration = 0 if latest["n"] is None else latest["n"] + 1
@@ -904,7 +919,7 @@ def _arrive(run: Run, spec: dict, join: dict, step: Step, status: str) -> None:
     join_step = _open_join(run, spec, join, frame)
     branch = frame[1] if frame else step.node_id
     join_step.arrivals = {**join_step.arrivals, branch: {"status": status, "source": step.node_id}}
-    join_step.save(update_fields=["arrivals"])
+    rows.update(Step, "id = %s", [join_step.pk], values={"arrivals": join_step.arrivals})
     _maybe_release_join(run, spec, join, join_step)
 
 
@@ -993,12 +1008,15 @@ def _finish_if_idle(run: Run, spec: dict, just_succeeded: Step | None = None) ->
 
 
 def _open_steps(run: Run) -> list[tuple[str, str]]:
-    """(status, kind) of the run's pending, running and waiting steps, in one query."""
-    return list(
-        Step.objects.filter(run=run, status__in=(Step.PENDING, Step.RUNNING, Step.WAITING))
-        .order_by()
-        .values_list("status", "kind")
-    )
+    """(status, kind) of the run's pending, running and waiting steps, in one query (written
+    out: the engine asks after every step that made no new one)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT status, kind FROM {rows.table(Step)} "
+            "WHERE run_id = %s AND status IN (%s, %s, %s)",
+            [run.pk, Step.PENDING, Step.RUNNING, Step.WAITING],
+        )
+        return cursor.fetchall()
 
 
 def _refresh_status(run: Run, open_steps: list[tuple[str, str]] | None = None) -> None:

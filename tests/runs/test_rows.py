@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from runs import engine, fragments, nodes, pricing, rows
-from runs.models import ModelPrice, Run, Step
+from runs.models import ModelPrice, Run, RunEvent, Step
 from tests.factories import make_agent, make_tool, pipeline_spec, silent_run
 
 pytestmark = pytest.mark.django_db
@@ -116,3 +116,46 @@ def test_the_runs_list_reads_a_row_and_renders_it_as_the_orm_would(alice):
     assert "alice" in fragments.render_dashboard_row(found[run.pk], inserted=True)
     assert found[anonymous.pk].started_by is None
     assert fragments.dashboard_runs(set()) == {}
+
+
+def test_an_update_prepares_each_value_as_the_orm_does_and_adds_to_columns(alice):
+    run, step = silent_run(pipeline_spec("writer"), alice)
+    agent = make_agent("writer")
+    finished = timezone.now()
+
+    changed = rows.update(
+        Step,
+        "id = %s AND attempt = %s",
+        [step.pk, step.attempt],
+        values={
+            "output": {"text": "é", "n": [1, None]},
+            "finished_at": finished,
+            "agent": agent,
+            "lease_until": None,
+        },
+        add={"cost": Decimal("0.00000125"), "total_tokens": 7},
+    )
+    rows.update(Step, "id = %s", [step.pk], add={"cost": Decimal("0.5"), "total_tokens": 3})
+
+    assert changed == 1
+    saved = Step.objects.get(pk=step.pk)
+    assert saved.output == {"text": "é", "n": [1, None]}
+    assert saved.finished_at == finished and saved.agent_id == agent.pk
+    assert saved.lease_until is None
+    assert saved.cost == Decimal("0.50000125") and saved.total_tokens == 10
+    assert rows.update(Step, "id = %s AND attempt = %s", [step.pk, 99], values={"error": "x"}) == 0
+    assert Step.objects.get(pk=step.pk).error == ""
+
+
+def test_an_insert_sets_each_key_in_order_and_fills_defaults(alice):
+    run, _ = silent_run(pipeline_spec("writer"), alice)
+    created = [
+        RunEvent(run=run, seq=100 + i, kind="bench.test", payload={"i": i}) for i in range(3)
+    ]
+
+    rows.insert(created)
+
+    for event in created:
+        stored = RunEvent.objects.get(pk=event.pk)
+        assert (stored.seq, stored.payload) == (event.seq, event.payload)
+        assert stored.created_at is not None and event._state.adding is False
