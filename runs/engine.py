@@ -183,7 +183,8 @@ def _insert_steps(steps: list[Step]) -> None:
     database counts the iterations (the caller holds the run's lock, so no one else adds any),
     and hands back the ids. Written out because the ORM needed a query for the iterations and
     twice the CPU of the INSERT to build it; each value is still prepared by its model field."""
-    q = connection.ops.quote_name
+    db = rows.connection_itself()
+    q = db.ops.quote_name
     columns = ", ".join(q(field.column) for field in _STEP_FIELDS)
     iteration = (
         f"(SELECT COALESCE(MAX(iteration), -1) + 1 + %s FROM {rows.table(Step)} "
@@ -198,10 +199,10 @@ def _insert_steps(steps: list[Step]) -> None:
                 params += [seen[step.node_id], step.run_id, step.node_id]
             else:
                 row.append("%s")
-                params.append(field.get_db_prep_save(field.pre_save(step, True), connection))
+                params.append(field.get_db_prep_save(field.pre_save(step, True), db))
         seen[step.node_id] += 1
         values.append(f"({', '.join(row)})")
-    with connection.cursor() as cursor:
+    with db.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {rows.table(Step)} ({columns}) VALUES {', '.join(values)} "
             "RETURNING id, node_id, iteration",
@@ -212,7 +213,7 @@ def _insert_steps(steps: list[Step]) -> None:
             by_node[node_id].append((pk, number))
     for step in steps:  # a node's steps were numbered in list order
         step.pk, step.iteration = by_node[step.node_id].pop(0)
-        step._state.adding, step._state.db = False, connection.alias
+        step._state.adding, step._state.db = False, db.alias
 
 
 def _enqueue(step_id: int, countdown: float | None = None) -> None:

@@ -20,9 +20,7 @@ Fields left out come back deferred: reading one runs a query, as with the ORM's 
 
 from __future__ import annotations
 
-import functools
-
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Model
 
 
@@ -30,6 +28,7 @@ class Rows:
     def __init__(self, parts: list[tuple[type[Model], str, tuple[str, ...]]]):
         """`parts`: (model, table alias in the SQL, names of fields to leave out)."""
         self.parts = parts
+        self._layouts: dict[str, tuple[str, list]] = {}
 
     def columns(self) -> str:
         """The SELECT list: every model's columns, in `parts` order."""
@@ -41,14 +40,15 @@ class Rows:
 
     def read(self, row) -> list[Model]:
         """One instance per model, from the start of `row`."""
+        db = connection_itself()
         instances, start = [], 0
-        for model, attnames, converters in self._layout(connection.vendor)[1]:
+        for model, attnames, converters in self._layout(db.vendor)[1]:
             values = list(row[start : start + len(attnames)])
             start += len(attnames)
             for index, column, found in converters:
                 for convert in found:
-                    values[index] = convert(values[index], column, connection)
-            instances.append(model.from_db(connection.alias, attnames, values))
+                    values[index] = convert(values[index], column, db)
+            instances.append(model.from_db(db.alias, attnames, values))
         return instances
 
     def first(self, sql: str, params: list) -> list[Model] | None:
@@ -63,8 +63,15 @@ class Rows:
             cursor.execute(sql, params)
             return [self.read(row) for row in cursor.fetchall()]
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (a few module-level instances, never freed)
     def _layout(self, vendor: str) -> tuple[str, list]:
+        """Worked out once per database vendor (an lru_cache on the method, shared by every
+        instance, kept too few entries for the hot path's Rows and worked it out every time)."""
+        layout = self._layouts.get(vendor)
+        if layout is None:
+            layout = self._layouts[vendor] = self._work_out_layout()
+        return layout
+
+    def _work_out_layout(self) -> tuple[str, list]:
         ops, q = connection.ops, connection.ops.quote_name
         columns, models = [], []
         for model, alias, left_out in self.parts:
@@ -85,14 +92,15 @@ def insert(instances: list[Model]) -> None:
     field but the key is written, from `pre_save` (so auto_now_add and defaults apply)."""
     model = type(instances[0])
     fields = [f for f in model._meta.concrete_fields if not f.primary_key]
-    q = connection.ops.quote_name
+    db = connection_itself()
+    q = db.ops.quote_name
     row = f"({', '.join(['%s'] * len(fields))})"
     params = [
-        field.get_db_prep_save(field.pre_save(instance, True), connection)
+        field.get_db_prep_save(field.pre_save(instance, True), db)
         for instance in instances
         for field in fields
     ]
-    with connection.cursor() as cursor:
+    with db.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {table(model)} ({', '.join(q(f.column) for f in fields)}) "
             f"VALUES {', '.join([row] * len(instances))} RETURNING {q(model._meta.pk.column)}",
@@ -103,7 +111,7 @@ def insert(instances: list[Model]) -> None:
     # bulk_create relies on it too).
     for instance, pk in zip(instances, keys, strict=True):
         instance.pk = pk
-        instance._state.adding, instance._state.db = False, connection.alias
+        instance._state.adding, instance._state.db = False, db.alias
 
 
 def update(
@@ -117,19 +125,20 @@ def update(
     """UPDATE `model`'s rows matching `where` (SQL with %s, filled from `params`): set each of
     `values` (prepared by its field; a model instance for a foreign key) and add each of `add`
     to its column. Returns how many rows changed."""
-    q, meta = connection.ops.quote_name, model._meta
+    db = connection_itself()
+    q, meta = db.ops.quote_name, model._meta
     sets, args = [], []
     for name, value in (values or {}).items():
         field = meta.get_field(name)
         if field.is_relation and isinstance(value, Model):
             value = value.pk
         sets.append(f"{q(field.column)} = %s")
-        args.append(field.get_db_prep_save(value, connection))
+        args.append(field.get_db_prep_save(value, db))
     for name, amount in (add or {}).items():
         field = meta.get_field(name)
         sets.append(f"{q(field.column)} = {q(field.column)} + %s")
-        args.append(field.get_db_prep_save(amount, connection))
-    with connection.cursor() as cursor:
+        args.append(field.get_db_prep_save(amount, db))
+    with db.cursor() as cursor:
         cursor.execute(f"UPDATE {table(model)} SET {', '.join(sets)} WHERE {where}", args + params)
         return cursor.rowcount
 
@@ -146,3 +155,9 @@ def set_cached(instance: Model, relation: str, related: Model) -> None:
 
 def table(model: type[Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
+
+
+def connection_itself():
+    """This thread's connection itself: every attribute read through the `connection` proxy
+    looks the thread's connection up again, and field preparation reads several per value."""
+    return connections[DEFAULT_DB_ALIAS]

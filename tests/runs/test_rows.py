@@ -159,3 +159,16 @@ def test_an_insert_sets_each_key_in_order_and_fills_defaults(alice):
         stored = RunEvent.objects.get(pk=event.pk)
         assert (stored.seq, stored.payload) == (event.seq, event.payload)
         assert stored.created_at is not None and event._state.adding is False
+
+
+def test_each_reader_works_its_columns_out_once_however_many_readers_there_are(alice):
+    readers = [rows.Rows([(Run, "r", ())]) for _ in range(8)]
+    for reader in readers:
+        reader.columns()
+
+    layouts = [reader._layout(connection.vendor) for reader in readers]
+
+    assert all(
+        reader._layout(connection.vendor) is layout
+        for reader, layout in zip(readers, layouts, strict=True)
+    )
