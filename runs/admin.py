@@ -9,6 +9,7 @@ from django.utils.safestring import SafeString
 
 from runs.costs import recompute_action
 from runs.models import (
+    LookupToken,
     ModelPrice,
     Run,
     RunEvent,
@@ -515,3 +516,10 @@ class SwitchAdmin(admin.ModelAdmin):
     def save_model(self, request, obj: Switch, form, change: bool) -> None:
         obj.changed_by = request.user
         super().save_model(request, obj, form, change)
+
+
+@admin.register(LookupToken)
+class LookupTokenAdmin(ViewOnlyAdmin):
+    """Baton replaces it on every edit of agents, roles, tools and prices (runs/models.py)."""
+
+    list_display = ("name", "value")

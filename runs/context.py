@@ -155,6 +155,8 @@ class StepContext:
         self.run = run
         self.node = node
         self.spec = spec
+        # Read by the claim with the step: what the step looks up by name is kept under it.
+        self.lookup_token: int | None = getattr(step, "lookup_token", None)
         self.state = run.state
         self._llm_index = 0
         self._tool_index = 0
@@ -242,6 +244,7 @@ class StepContext:
                 result.completion_tokens,
                 result.cached_tokens,
                 timezone.now(),
+                token=self.lookup_token,
             )
             self.unrecorded = (agent, index, result, estimate_cost, estimate_tokens, priced)
             return LLMReply(result.text, result.tool_calls, result.model, False)
@@ -357,7 +360,9 @@ class StepContext:
             return Decimal(0), 0
 
         prompt_estimate = max(estimate_tokens - max_completion, 0)
-        estimate_cost, _, _ = pricing.compute_cost(model, prompt_estimate, max_completion, 0, now)
+        estimate_cost, _, _ = pricing.compute_cost(
+            model, prompt_estimate, max_completion, 0, now, token=self.lookup_token
+        )
         estimate_cost = Decimal(estimate_cost)
         condition = Q()
         if max_tokens:
@@ -432,7 +437,12 @@ class StepContext:
 
         now = timezone.now()
         cost, price, source = priced or pricing.compute_cost(
-            result.model, result.prompt_tokens, result.completion_tokens, result.cached_tokens, now
+            result.model,
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.cached_tokens,
+            now,
+            token=self.lookup_token,
         )
         with transaction.atomic():
             record = UsageRecord(

@@ -52,7 +52,7 @@ from runs.context import (
     storable,
 )
 from runs.llm import LLMError
-from runs.models import Run, Step, Switch, ToolCall
+from runs.models import LookupToken, Run, Step, Switch, ToolCall
 from teams.models import Workflow, WorkflowVersion
 from teams.spec import entry_node, node_map
 
@@ -373,7 +373,8 @@ def _claim_statements(vendor: str) -> tuple[str, str]:
     on = connection.ops.quote_name(Switch._meta.get_field("on").column)
     select = (
         f"SELECT {_CLAIMED.columns()}, "
-        f"EXISTS (SELECT 1 FROM {rows.table(Switch)} x WHERE x.name = %s AND x.{on}) "
+        f"EXISTS (SELECT 1 FROM {rows.table(Switch)} x WHERE x.name = %s AND x.{on}), "
+        f"(SELECT t.value FROM {rows.table(LookupToken)} t WHERE t.name = %s) "
         f"FROM {rows.table(Step)} s "
         f"INNER JOIN {rows.table(Run)} r ON r.id = s.run_id "
         f"INNER JOIN {rows.table(Workflow)} w ON w.id = r.workflow_id "
@@ -391,10 +392,11 @@ def _claim_statements(vendor: str) -> tuple[str, str]:
 
 
 def _claimed_row(step_id: int) -> Step | None:
-    """The step, its run, the run's workflow and version, and whether everything is stopped."""
+    """The step, its run, the run's workflow and version, whether everything is stopped and
+    the lookup token (runs/models.py LookupToken)."""
     select, _ = _claim_statements(connection.vendor)
     with connection.cursor() as cursor:
-        cursor.execute(select, [STOP_EVERYTHING, step_id])
+        cursor.execute(select, [STOP_EVERYTHING, LookupToken.LOOKUPS, step_id])
         row = cursor.fetchone()
     if row is None:
         return None
@@ -403,6 +405,7 @@ def _claimed_row(step_id: int) -> Step | None:
     rows.set_cached(run, "workflow", workflow)
     rows.set_cached(run, "version", version)
     step.stopped = bool(row[_CLAIMED.width()])
+    step.lookup_token = row[_CLAIMED.width() + 1]
     return step
 
 

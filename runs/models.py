@@ -1,5 +1,6 @@
 """Run: what executed, step by step, what it cost, and the event log the dashboard shows."""
 
+import secrets
 import uuid
 from decimal import Decimal
 
@@ -7,7 +8,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
-from django.db.models.signals import pre_delete
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import receiver
 
 ZERO = Decimal(0)
@@ -480,3 +481,34 @@ class Switch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {'on' if self.on else 'off'}"
+
+
+class LookupToken(models.Model):
+    """One random number, replaced whenever what a step looks up by name changes: an agent, its
+    role or tools, a tool, a model price. The claim reads it with the step, and each process
+    keeps what it looked up under that number until it changes (runs/nodes.py,
+    runs/pricing.py). Random, not a counter: an edit rolled back would take a counter back to
+    a number that a process may have cached something under."""
+
+    LOOKUPS = "lookups"
+
+    name = models.CharField(max_length=60, unique=True)
+    value = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.value}"
+
+
+def renew_lookup_token(**kwargs) -> None:
+    """Replace the token, in the transaction of the change (a signal receiver)."""
+    value = secrets.randbits(62)
+    if not LookupToken.objects.filter(name=LookupToken.LOOKUPS).update(value=value):
+        LookupToken.objects.update_or_create(name=LookupToken.LOOKUPS, defaults={"value": value})
+
+
+for _model in ("teams.Agent", "teams.Role", "teams.Tool", ModelPrice):
+    post_save.connect(renew_lookup_token, sender=_model, dispatch_uid="renew_lookup_token")
+    post_delete.connect(renew_lookup_token, sender=_model, dispatch_uid="renew_lookup_token")
+m2m_changed.connect(
+    renew_lookup_token, sender="teams.Agent_tools", dispatch_uid="renew_lookup_token"
+)

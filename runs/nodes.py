@@ -37,7 +37,12 @@ _AGENT = rows.Rows([(Agent, "a", ()), (Role, "r", ())])
 _TOOL = rows.Rows([(Tool, "t", ())])
 
 
-def get_agent(name: str) -> Agent:
+def get_agent(name: str, token: int | None = None) -> Agent:
+    """The agent of this name with its role, kept while the lookup token is `token`."""
+    return rows.kept(("agent", name), token, lambda: _read_agent(name))
+
+
+def _read_agent(name: str) -> Agent:
     sql = (
         f"SELECT {_AGENT.columns()} FROM {rows.table(Agent)} a "
         f"INNER JOIN {rows.table(Role)} r ON r.id = a.role_id WHERE a.name = %s LIMIT 1"
@@ -50,8 +55,13 @@ def get_agent(name: str) -> Agent:
     return agent
 
 
-def tools_of(agent: Agent) -> list[Tool]:
-    """The agent's tools by name, as `agent.tools.all()` gives them."""
+def tools_of(agent: Agent, token: int | None = None) -> list[Tool]:
+    """The agent's tools by name, as `agent.tools.all()` gives them, kept while the lookup
+    token is `token`."""
+    return rows.kept(("tools", agent.pk), token, lambda: _read_tools(agent))
+
+
+def _read_tools(agent: Agent) -> list[Tool]:
     through = Agent.tools.through
     sql = (
         f"SELECT {_TOOL.columns()} FROM {rows.table(Tool)} t "
@@ -97,7 +107,7 @@ def run_agent(
     Returns (text, parsed output). A reply that misses its schema (or is empty) gets one repair
     prompt; then a StepFailed("semantic").
     """
-    tools = {t.name: t for t in tools_of(agent)}
+    tools = {t.name: t for t in tools_of(agent, ctx.lookup_token)}
     offered = [t.as_function() for t in tools.values()] or None
     messages = [
         {"role": "system", "content": system_prompt(agent, output_schema)},
@@ -195,7 +205,7 @@ def parse_output(text: str, schema: dict | None):
 
 
 def agent_node(ctx: StepContext):
-    agent = get_agent(ctx.node["agent"])
+    agent = get_agent(ctx.node["agent"], ctx.lookup_token)
     ctx.step.agent = agent
     text, output = run_agent(ctx, agent, task_prompt(ctx), ctx.node.get("output_schema"))
     return text, output
@@ -251,7 +261,7 @@ def router_node(ctx: StepContext):
         if e["source"] == ctx.node["id"] and e.get("on", "success") == "success"
     ]
     if ctx.node.get("agent"):
-        agent = get_agent(ctx.node["agent"])
+        agent = get_agent(ctx.node["agent"], ctx.lookup_token)
         ctx.step.agent = agent
         labels = [e["label"] for e in edges]
         prompt = task_prompt(ctx, default="Classify this request: {input}")
@@ -326,9 +336,9 @@ def join_node(ctx: StepContext):
 
 def supervisor_node(ctx: StepContext):
     """A supervisor LLM picks the next worker by name (or FINISH), for a bounded number of turns."""
-    supervisor = get_agent(ctx.node["agent"])
+    supervisor = get_agent(ctx.node["agent"], ctx.lookup_token)
     ctx.step.agent = supervisor
-    workers = [get_agent(name) for name in ctx.node["workers"]]
+    workers = [get_agent(name, ctx.lookup_token) for name in ctx.node["workers"]]
     brief = task_prompt(ctx)
     transcript: list[dict] = []
     max_turns = ctx.node.get("max_turns", 6)
@@ -370,8 +380,8 @@ def _transcript_text(transcript: list[dict]) -> str:
 
 def vote_node(ctx: StepContext):
     """N agents answer the same task; a judge picks one (or synthesises). Disagreement is kept."""
-    voters = [get_agent(name) for name in ctx.node["agents"]]
-    judge = get_agent(ctx.node["judge"])
+    voters = [get_agent(name, ctx.lookup_token) for name in ctx.node["agents"]]
+    judge = get_agent(ctx.node["judge"], ctx.lookup_token)
     ctx.step.agent = judge
     prompt = task_prompt(ctx)
     answers = []
@@ -425,8 +435,8 @@ def _normalise(text: str) -> str:
 def debate_node(ctx: StepContext):
     """Agents take turns critiquing the current answer until all agree or a round limit; a judge
     then decides. Older rounds are summarised once the transcript passes a token limit."""
-    debaters = [get_agent(name) for name in ctx.node["agents"]]
-    judge = get_agent(ctx.node["judge"])
+    debaters = [get_agent(name, ctx.lookup_token) for name in ctx.node["agents"]]
+    judge = get_agent(ctx.node["judge"], ctx.lookup_token)
     ctx.step.agent = judge
     prompt = task_prompt(ctx)
     max_rounds = ctx.node.get("max_rounds", 3)

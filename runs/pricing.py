@@ -9,7 +9,7 @@ recorded at 0 as "unpriced" so reports show what still needs a price.
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import DecimalField, ExpressionWrapper, F, Value
 from django.utils import timezone
 
@@ -30,16 +30,23 @@ _COST_FIELD = DecimalField(max_digits=14, decimal_places=8)
 _PRICE = rows.Rows([(ModelPrice, "p", ())])
 
 
-def price_for(model: str, at: datetime) -> ModelPrice | None:
-    """The newest price of `model` that took effect at or before `at` (one query, written out:
-    every recorded LLM call asks; runs/rows.py)."""
+def price_for(model: str, at: datetime, token: int | None = None) -> ModelPrice | None:
+    """The newest price of `model` that took effect at or before `at`. The model's prices are
+    read in one query (written out: every recorded LLM call asks; runs/rows.py) and kept while
+    the lookup token is `token` (runs/models.py LookupToken)."""
+    for price in rows.kept(("prices", model), token, lambda: _read_prices(model)):
+        if price.effective_from <= at:
+            return price
+    return None
+
+
+def _read_prices(model: str) -> list[ModelPrice]:
+    """Every price of `model`, newest first."""
     sql = (
         f"SELECT {_PRICE.columns()} FROM {rows.table(ModelPrice)} p "
-        f"WHERE p.model = %s AND p.effective_from <= %s ORDER BY p.effective_from DESC LIMIT 1"
+        "WHERE p.model = %s ORDER BY p.effective_from DESC, p.id DESC"
     )
-    moment = ModelPrice._meta.get_field("effective_from").get_db_prep_value(at, connection)
-    found = _PRICE.first(sql, [model, moment])
-    return None if found is None else found[0]
+    return [price for (price,) in _PRICE.all(sql, [model])]
 
 
 def compute_cost(
@@ -48,9 +55,12 @@ def compute_cost(
     completion_tokens: int,
     cached_tokens: int = 0,
     at: datetime | None = None,
+    *,
+    token: int | None = None,
 ) -> tuple[Decimal, ModelPrice | None, str]:
-    """(cost, the ModelPrice used or None, price_source) of one call made at `at` (now)."""
-    price = price_for(model, at or timezone.now())
+    """(cost, the ModelPrice used or None, price_source) of one call made at `at` (now).
+    `token`: the lookup token the step's claim read, under which its prices are kept."""
+    price = price_for(model, at or timezone.now(), token)
     if price is not None:
         rates = (price.input_per_1m, price.output_per_1m, price.cached_input_per_1m)
         return (

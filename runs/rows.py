@@ -148,6 +148,28 @@ def all_but(model: type[Model], *kept: str) -> tuple[str, ...]:
     return tuple(f.name for f in model._meta.concrete_fields if f.name not in kept)
 
 
+# What steps look up by name (agents, tools, prices), kept per process under the lookup token
+# their claim read: key -> (token, value). See runs/models.py LookupToken.
+_kept: dict[tuple, tuple] = {}
+KEPT_MAX = 5000
+
+
+def kept(key: tuple, token: int | None, read):
+    """`read()`'s answer for `key`, kept while the lookup token stays `token`: an edit to an
+    agent, role, tool or price replaces the token, and the next step reads afresh. Without a
+    token (no claim read one) it always reads. Callers must not change what they get."""
+    if token is None:
+        return read()
+    found = _kept.get(key)
+    if found is not None and found[0] == token:
+        return found[1]
+    value = read()
+    if len(_kept) >= KEPT_MAX:
+        _kept.clear()
+    _kept[key] = (token, value)
+    return value
+
+
 def set_cached(instance: Model, relation: str, related: Model) -> None:
     """Make `instance.<relation>` (a foreign key) return `related` without a query."""
     type(instance)._meta.get_field(relation).set_cached_value(instance, related)

@@ -1,8 +1,6 @@
 """Runs paused on a human, made the way the engine makes them: a waiting step, then
 `runs.hooks.request_approval` (which is `approvals.requests.open_request`)."""
 
-import itertools
-
 import pytest
 from django.contrib.auth.models import Permission
 from django.db import transaction
@@ -35,8 +33,6 @@ GATE_SPEC = {
     ],
     "edges": [{"source": "gate", "target": "email"}],
 }
-
-_counter = itertools.count(1)
 
 
 def grant_decide(*users) -> None:
@@ -100,7 +96,9 @@ def paused_run(workflow, user, *, node_id: str = "gate", kind: str = "node", **r
             tool_call = ToolCall.objects.create(
                 step=step,
                 call_index=0,
-                idempotency_key=f"test-{next(_counter)}",
+                # The engine's own key, so a worker that executes the resumed step finds
+                # this call instead of making another (runs/context.py call_tool).
+                idempotency_key=f"run{run.pk}-step{step.pk}-e{step.epoch}-call0",
                 tool=payload["tool"],
                 arguments=payload["arguments"],
                 status=ToolCall.AWAITING_APPROVAL,

@@ -79,7 +79,10 @@ def test_two_concurrent_decisions_exactly_one_wins(
     assert RunEvent.objects.filter(run=run, kind="approval.decided").count() == 1
     assert RunEvent.objects.filter(run=run, kind="step.resumed").count() == 1
     call = ToolCall.objects.get(step=step)
-    assert call.status == ("approved" if winner.status == "approved" else "rejected")
+    if winner.status == "approved":  # the session's worker may have made the call since
+        assert call.status in (ToolCall.APPROVED, ToolCall.SUCCEEDED, ToolCall.FAILED)
+    else:
+        assert call.status == ToolCall.REJECTED
     # Resumed: pending again, unless the session's worker (if running) has taken it since.
     assert Step.objects.get(pk=step.pk).status != Step.WAITING
 

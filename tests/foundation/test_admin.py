@@ -11,6 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from runs.models import (
+    LookupToken,
     ModelPrice,
     Run,
     RunEvent,
@@ -26,6 +27,7 @@ from teams.models import OutboxMessage, Tool, Workflow, WorkflowVersion
 pytestmark = pytest.mark.django_db
 
 READ_ONLY = {
+    LookupToken,
     WorkflowVersion,
     RunEvent,
     UsageRecord,
