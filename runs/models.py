@@ -500,7 +500,8 @@ class LookupToken(models.Model):
 
 
 def renew_lookup_token(**kwargs) -> None:
-    """Replace the token, in the transaction of the change (a signal receiver)."""
+    """Replace the token (a signal receiver): in the change's transaction when it has one, else
+    right after the change, so at worst a step claimed in between uses what it kept."""
     value = secrets.randbits(62)
     if not LookupToken.objects.filter(name=LookupToken.LOOKUPS).update(value=value):
         LookupToken.objects.update_or_create(name=LookupToken.LOOKUPS, defaults={"value": value})

@@ -1,5 +1,7 @@
 """Design: who the agents are, what they may call, and the workflows that connect them."""
 
+import copy
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
@@ -54,8 +56,10 @@ class Tool(models.Model):
             raise ValidationError({"args_schema": "Must be a JSON object (a JSON schema)."})
 
     def as_function(self) -> dict:
-        """The OpenAI function-calling description offered to the LLM."""
-        schema = self.args_schema or {"type": "object", "properties": {}}
+        """The OpenAI function-calling description offered to the LLM. The schema is a copy:
+        steps share a process's Tool instances (runs/rows.py `kept`), and a provider adapter
+        may adjust the schema it is handed."""
+        schema = copy.deepcopy(self.args_schema) or {"type": "object", "properties": {}}
         return {
             "type": "function",
             "function": {"name": self.name, "description": self.description, "parameters": schema},

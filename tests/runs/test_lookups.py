@@ -98,3 +98,11 @@ def test_a_kept_price_list_still_picks_the_price_in_force_at_the_call(alice):
     assert pricing.price_for("m", now, token).input_per_1m == 1
     assert pricing.price_for("m", now + timedelta(days=2), token).input_per_1m == 3
     assert pricing.price_for("m", now - timedelta(days=2), token) is None
+
+
+def test_a_tool_offered_to_the_llm_carries_a_copy_of_its_schema(alice):
+    tool = make_tool("calc")
+    offered = tool.as_function()
+    offered["function"]["parameters"]["properties"]["extra"] = {"type": "string"}
+
+    assert "extra" not in tool.args_schema["properties"]
