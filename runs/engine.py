@@ -452,8 +452,11 @@ def _claim(step_id: int) -> Step | None:
     step.started_at = started_at
     with _writing():
         started = []
-        if run.status == Run.QUEUED and Run.objects.filter(pk=run.pk, status=Run.QUEUED).update(
-            status=Run.RUNNING, started_at=now
+        if run.status == Run.QUEUED and rows.update(
+            Run,
+            "id = %s AND status = %s",
+            [run.pk, Run.QUEUED],
+            values={"status": Run.RUNNING, "started_at": now},
         ):
             run.status, run.started_at = Run.RUNNING, now
             started.append(("run.status", {"status": Run.RUNNING}))
