@@ -676,10 +676,9 @@ def _add_to_run_totals(
     """Add an LLM call to its run's totals and give back what was reserved for it; returns the
     run's new (total_tokens, cost). One statement (the ORM has no UPDATE ... RETURNING): the
     run's row stays locked from here to the commit, and parallel branches wait on it."""
-    table = connection.ops.quote_name(Run._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET prompt_tokens = prompt_tokens + %s,"
+            f"UPDATE {rows.table(Run)} SET prompt_tokens = prompt_tokens + %s,"
             " completion_tokens = completion_tokens + %s, total_tokens = total_tokens + %s,"
             " cost = cost + %s, reserved_cost = reserved_cost - %s,"
             " reserved_tokens = reserved_tokens - %s WHERE id = %s RETURNING total_tokens, cost",

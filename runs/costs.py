@@ -46,6 +46,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, TruncMonth, TruncWeek
 from django.utils import timezone
 
+from runs import rows
 from runs.models import Run, Step, UsageDaily, UsageRecord
 from teams.models import Agent, Workflow
 
@@ -352,7 +353,7 @@ def _report_runs_sql(runs_sql: str, filters: ReportFilters) -> tuple[str, list]:
         params.append(other_value)
     sql = (
         f"range_runs {cte_columns} AS ({runs_sql}), report_runs AS (SELECT * FROM range_runs"
-        f" WHERE run_id IN (SELECT DISTINCT run_id FROM {_quoted(UsageRecord)}"
+        f" WHERE run_id IN (SELECT DISTINCT run_id FROM {rows.table(UsageRecord)}"
         f" WHERE {condition}))"
     )
     return sql, params
@@ -1032,10 +1033,6 @@ _CONFLICT_TARGET = (
 _receivers_paused = contextvars.ContextVar("baton_daily_usage_receivers_paused", default=False)
 
 
-def _quoted(model) -> str:
-    return connection.ops.quote_name(model._meta.db_table)
-
-
 def _utc_day_sql() -> str:
     """The UTC day of UsageRecord.at in SQL. SQLite stores aware datetimes as UTC text."""
     if connection.vendor == "postgresql":
@@ -1047,7 +1044,7 @@ def _upsert_sql(source: str) -> str:
     """INSERT the rows of `source` (VALUES or a SELECT of key and sum columns) into UsageDaily,
     adding each to the row of its key when there is one. One statement: concurrent writers of
     one key queue on that row's lock and each adds its own figures, none is lost."""
-    table = _quoted(UsageDaily)
+    table = rows.table(UsageDaily)
     adds = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in _SUM_COLUMNS)
     return (
         f"INSERT INTO {table} ({', '.join(_KEY_COLUMNS)}, {', '.join(_SUM_COLUMNS)}) {source} "
@@ -1061,7 +1058,7 @@ def _record_sums_sql(sign: str = "") -> str:
     return (
         f"SELECT {day}, workflow_id, agent_id, model, user_id, {sign}SUM(cost), "
         f"{sign}SUM(prompt_tokens), {sign}SUM(completion_tokens), {sign}SUM(cached_tokens), "
-        f"{sign}SUM(total_tokens), {sign}COUNT(*) FROM {_quoted(UsageRecord)} WHERE {{where}} "
+        f"{sign}SUM(total_tokens), {sign}COUNT(*) FROM {rows.table(UsageRecord)} WHERE {{where}} "
         f"GROUP BY {day}, workflow_id, agent_id, model, user_id"
     )
 
@@ -1109,7 +1106,7 @@ def rebuild_daily_usage(first_day: dt.date, last_day: dt.date, *, model: str | N
     2. Delete the rows of those days.
     3. Insert the sums of the records of those days, grouped by key: one INSERT ... SELECT.
     """
-    table = _quoted(UsageDaily)
+    table = rows.table(UsageDaily)
     where = "at >= %s AND at < %s"
     params = _day_bounds(first_day, last_day)
     if model is not None:
@@ -1165,7 +1162,7 @@ def fold_deleted_key_in_daily_usage(column: str, pk: int) -> None:
         return
     if column not in ("workflow_id", "agent_id", "user_id"):
         raise ValueError(f"not a rollup key column: {column}")
-    table = _quoted(UsageDaily)
+    table = rows.table(UsageDaily)
     keys = ", ".join("CAST(NULL AS bigint)" if name == column else name for name in _KEY_COLUMNS)
     source = f"SELECT {keys}, {', '.join(_SUM_COLUMNS)} FROM {table} WHERE {column} = %s"
     with transaction.atomic(), connection.cursor() as cursor:

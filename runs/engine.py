@@ -163,11 +163,7 @@ def _create_steps(run: Run, spec: dict, targets: list[tuple[str, list]]) -> list
     ]
     _insert_steps(steps)
     run.step_count += len(steps)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {rows.table(Run)} SET step_count = step_count + %s WHERE id = %s",
-            [len(steps), run.pk],
-        )
+    rows.update(Run, "id = %s", [run.pk], add={"step_count": len(steps)})
     events.append_events(run.pk, [("step.created", _step_payload(step)) for step in steps])
     if run.status != Run.PAUSED:
         for step in steps:
@@ -548,8 +544,15 @@ def _lock_run(run_id: int) -> Run:
     return found[0]
 
 
-def _mine(ctx: StepContext):
-    return Step.objects.filter(pk=ctx.step.pk, status=Step.RUNNING, attempt=ctx.step.attempt)
+def _update_mine(ctx: StepContext, **values) -> int:
+    """Write our step if it is still ours (running, in our attempt): 1, else 0. Written out
+    (runs/rows.py): every step ends with one."""
+    return rows.update(
+        Step,
+        "id = %s AND status = %s AND attempt = %s",
+        [ctx.step.pk, Step.RUNNING, ctx.step.attempt],
+        values=values,
+    )
 
 
 def _step_fields(ctx: StepContext) -> dict:
@@ -586,20 +589,16 @@ def _save_outcome(
 ) -> bool:
     fields = _step_fields(ctx)
     text, output, error = storable(text), storable(output), storable(error)
-    updated = rows.update(  # written out: every step saves its outcome (runs/rows.py)
-        Step,
-        "id = %s AND status = %s AND attempt = %s",
-        [ctx.step.pk, Step.RUNNING, ctx.step.attempt],
-        values={
-            "status": status,
-            "output_text": text,
-            "output": output,
-            "error_kind": error_kind,
-            "error": error,
-            "finished_at": timezone.now(),
-            "lease_until": None,
-            **fields,
-        },
+    updated = _update_mine(
+        ctx,
+        status=status,
+        output_text=text,
+        output=output,
+        error_kind=error_kind,
+        error=error,
+        finished_at=timezone.now(),
+        lease_until=None,
+        **fields,
     )
     if updated:
         ctx.step.status = status
@@ -617,7 +616,7 @@ def _save_outcome(
 def _save_waiting(ctx: StepContext, reason: str) -> None:
     with _writing():
         run = _lock_run(ctx.run.pk)
-        if not _mine(ctx).update(status=Step.WAITING, lease_until=None, **_step_fields(ctx)):
+        if not _update_mine(ctx, status=Step.WAITING, lease_until=None, **_step_fields(ctx)):
             return
         ctx.step.status = Step.WAITING
         events.append_event(ctx.run.pk, "step.waiting", _step_payload(ctx.step, reason=reason))
@@ -701,7 +700,8 @@ def _retry_later(ctx: StepContext, delay: float, message: str, **fields) -> None
     """Put our step back to pending and ring the doorbell again after `delay` seconds."""
     with _writing():
         _lock_run(ctx.run.pk)
-        if not _mine(ctx).update(
+        if not _update_mine(
+            ctx,
             status=Step.PENDING,
             lease_until=None,
             not_before=timezone.now() + timedelta(seconds=delay),

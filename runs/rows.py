@@ -64,8 +64,7 @@ class Rows:
             return [self.read(row) for row in cursor.fetchall()]
 
     def _layout(self, vendor: str) -> tuple[str, list]:
-        """Worked out once per database vendor (an lru_cache on the method, shared by every
-        instance, kept too few entries for the hot path's Rows and worked it out every time)."""
+        """Worked out once per instance and database vendor."""
         layout = self._layouts.get(vendor)
         if layout is None:
             layout = self._layouts[vendor] = self._work_out_layout()
