@@ -41,7 +41,13 @@ class Cancelled(StepInterrupt):
 
 
 class LeaseLost(StepInterrupt):
-    """Another worker owns this step now (our lease ran out); drop our work."""
+    """Another worker owns this step now (our lease ran out); drop our work. `reserved`: the
+    budget our own copy of a call still holds (cost, tokens), to be given back where this is
+    caught, after the transaction it rolls back (StepContext.release)."""
+
+    def __init__(self, message: str, reserved: tuple[Decimal, int] = (Decimal(0), 0)):
+        super().__init__(message)
+        self.reserved = reserved
 
 
 class BudgetExceeded(StepInterrupt):
@@ -144,6 +150,18 @@ class LLMReply:
     replayed: bool
 
 
+@dataclass
+class StoredCall:
+    """A call stored in the transaction that saves its step's outcome, which writes the step
+    and the run each in one UPDATE: the outcome with `step_values` and `step_add`, the run's
+    state with `run_add` (the call's tokens and cost, its reservation given back)."""
+
+    record: UsageRecord
+    step_values: dict
+    step_add: dict
+    run_add: dict
+
+
 _COST_PLACES = Decimal("1e-8")  # as Run.cost stores it
 
 
@@ -233,7 +251,7 @@ class StepContext:
                 on_text=self._streamer() if stream and events.is_watched(self.run.pk) else None,
             )
         except BaseException:
-            self._release(estimate_cost, estimate_tokens)
+            self.release(estimate_cost, estimate_tokens)
             raise
         if self.step.attempt == 1:
             # No earlier attempt can have recorded this call: it is stored with the step's
@@ -249,11 +267,14 @@ class StepContext:
             self.unrecorded = (agent, index, result, estimate_cost, estimate_tokens, priced)
             return LLMReply(result.text, result.tool_calls, result.model, False)
         try:
-            self._record_call(agent, index, result, estimate_cost, estimate_tokens)
-        except IntegrityError:
+            record = self._record_call(agent, index, result, estimate_cost, estimate_tokens)
+        except BaseException:
+            self.release(estimate_cost, estimate_tokens)
+            raise
+        if record is None:
             # Another attempt of this step recorded this call first (it took the step over
             # while this one was still running): go on with its answer, so both agree.
-            self._release(estimate_cost, estimate_tokens)
+            self.release(estimate_cost, estimate_tokens)
             recorded = UsageRecord.objects.get(
                 step=self.step, epoch=self.step.epoch, call_index=index
             )
@@ -263,12 +284,35 @@ class StepContext:
                 recorded.model,
                 True,
             )
-        except BaseException:
-            self._release(estimate_cost, estimate_tokens)
-            raise
         return LLMReply(result.text, result.tool_calls, result.model, False)
 
-    def record_pending_call(self, *, roll_up: bool = True) -> UsageRecord | None:
+    def store_pending_call(self, locked_run: Run) -> StoredCall | None:
+        """The outcome transaction's way to store the pending call (it holds `locked_run`, the
+        run's row read under its lock): the record's INSERT only, and what the caller is to
+        add to the step and the run with its own UPDATEs of them. The daily rollup is the
+        caller's too (`costs.add_to_daily_usage`), as its last write. LeaseLost as below."""
+        if self.unrecorded is None:
+            return None
+        *_, result, estimate_cost, estimate_tokens, _ = self.unrecorded
+        record = self.record_pending_call(roll_up=False, locked_run=locked_run)
+        step_values, step_add = _step_figures(result, record.cost)
+        return StoredCall(
+            record,
+            step_values,
+            step_add,
+            run_add={
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.total_tokens,
+                "cost": record.cost,
+                "reserved_cost": -estimate_cost,
+                "reserved_tokens": -estimate_tokens,
+            },
+        )
+
+    def record_pending_call(
+        self, *, roll_up: bool = True, locked_run: Run | None = None
+    ) -> UsageRecord | None:
         """Store the LLM call a first attempt made last, if it is not stored yet, and return
         its record. The engine calls this inside the transaction that saves the step's
         outcome, so a step that simply succeeds pays one transaction, not two; anything else
@@ -277,22 +321,22 @@ class StepContext:
 
         `roll_up=False` leaves the daily rollup to the caller (`costs.add_to_daily_usage`),
         to be made the transaction's last write. A call another attempt recorded first means
-        that attempt owns the step now: LeaseLost."""
+        that attempt owns the step now: LeaseLost, carrying this call's reservation."""
         if self.unrecorded is None:
             return None
         agent, index, result, estimate_cost, estimate_tokens, priced = self.unrecorded
-        try:
-            record = self._record_call(
-                agent, index, result, estimate_cost, estimate_tokens, priced, roll_up
-            )
-        except IntegrityError:
-            self.unrecorded = None
-            self._release(estimate_cost, estimate_tokens)
-            raise LeaseLost("another attempt recorded this step's call first") from None
+        record = self._record_call(
+            agent, index, result, estimate_cost, estimate_tokens, priced, roll_up, locked_run
+        )
         self.unrecorded = None
+        if record is None:
+            raise LeaseLost(
+                "another attempt recorded this step's call first",
+                reserved=(estimate_cost, estimate_tokens),
+            )
         return record
 
-    def _release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
+    def release(self, estimate_cost: Decimal, estimate_tokens: int) -> None:
         """Give back a call's budget reservation. The connection may have died under the call:
         then try once more on a new one; if the database is away, the estimate stays held."""
         if not (estimate_cost or estimate_tokens):
@@ -427,12 +471,16 @@ class StepContext:
         estimate_tokens: int,
         priced: tuple | None = None,
         roll_up: bool = True,
-    ) -> UsageRecord:
+        locked_run: Run | None = None,
+    ) -> UsageRecord | None:
         """Store one call: its UsageRecord, the run's and the step's totals, its events, and
         (`roll_up`) its share of the daily rollup as the last write, since the rollup row of a
         busy key is shared by every run using it; a caller that writes more after this adds
         the record to the rollup itself, last. `priced`: pricing.compute_cost's answer when
-        the caller looked it up already."""
+        the caller looked it up already. With `locked_run` (the run's row, read under its
+        lock in the caller's transaction) the run's and the step's totals are the caller's
+        to write (store_pending_call). None, with nothing written, when another attempt of
+        the step recorded this call first."""
         from runs import costs
 
         now = timezone.now()
@@ -444,7 +492,7 @@ class StepContext:
             now,
             token=self.lookup_token,
         )
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             record = UsageRecord(
                 run=self.run,
                 step=self.step,
@@ -465,24 +513,21 @@ class StepContext:
                 latency_ms=result.latency_ms,
                 at=now,
             )
-            rows.insert([record])  # written out, as the step's other writes (runs/rows.py)
-            # The run's row before the step's: the lock order of every engine transaction.
-            total_tokens, total_cost = _add_to_run_totals(
-                self.run.pk, result, cost, estimate_cost, estimate_tokens
-            )
-            rows.update(
-                Step,
-                "id = %s",
-                [self.step.pk],
-                values={"model": result.model[:200]},
-                add={
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                    "total_tokens": result.total_tokens,
-                    "cost": cost,
-                    "latency_ms": result.latency_ms,
-                },
-            )
+            # Written out, as the step's other writes (runs/rows.py). A conflict leaves the
+            # caller's transaction usable, so no savepoint is needed around this.
+            if not rows.insert([record], unless_conflicting=True):
+                return None
+            if locked_run is not None:
+                # Nobody else writes the run before this transaction commits.
+                total_tokens = locked_run.total_tokens + result.total_tokens
+                total_cost = (locked_run.cost + Decimal(str(cost))).quantize(_COST_PLACES)
+            else:
+                # The run's row before the step's: the lock order of every engine transaction.
+                total_tokens, total_cost = _add_to_run_totals(
+                    self.run.pk, result, cost, estimate_cost, estimate_tokens
+                )
+                values, add = _step_figures(result, cost)
+                rows.update(Step, "id = %s", [self.step.pk], values=values, add=add)
             events.append_events(
                 self.run.pk,
                 [
@@ -668,6 +713,17 @@ class StepContext:
                 {"node": s.node_id, "output": s.output_text[:4000]} for s in previous
             ],
         }
+
+
+def _step_figures(result, cost: Decimal) -> tuple[dict, dict]:
+    """What one call sets on its step's row, and what it adds to it."""
+    return {"model": result.model[:200]}, {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.total_tokens,
+        "cost": cost,
+        "latency_ms": result.latency_ms,
+    }
 
 
 def _add_to_run_totals(

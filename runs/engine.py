@@ -48,6 +48,7 @@ from runs.context import (
     LeaseLost,
     StepContext,
     StepFailed,
+    StoredCall,
     WaitingForHuman,
     storable,
 )
@@ -285,8 +286,8 @@ def execute_step(step_id: int) -> None:
         _save_waiting(ctx, str(waiting))
     except Cancelled:
         _save_outcome(ctx, Step.CANCELLED, error="run cancelled")
-    except LeaseLost:
-        log.info("step %s: lease lost, dropping this attempt", step_id)
+    except LeaseLost as lost:
+        _drop_attempt(ctx, lost)
     except (OperationalError, InterfaceError) as exc:
         _after_database_error(ctx, exc)
     except ApprovalRejected as rejected:
@@ -322,6 +323,13 @@ def _cached_spec(version_id: int, created_at) -> dict:
     return WorkflowVersion.objects.get(pk=version_id).get_spec()
 
 
+def _drop_attempt(ctx: StepContext, lost: LeaseLost) -> None:
+    """Another attempt owns the step now. Give back what our own copy of its last call holds
+    of the run's budget: here, after the transaction that found out was rolled back."""
+    log.info("step %s: lease lost, dropping this attempt (%s)", ctx.step.pk, lost)
+    ctx.release(*lost.reserved)
+
+
 def _after_database_error(ctx: StepContext, exc: Exception) -> None:
     """The database failed under the step (a dropped connection, a failover, a cancelled
     statement). Each write of a step is atomic, so nothing is half-written: run the step again
@@ -345,8 +353,8 @@ def _after_database_error(ctx: StepContext, exc: Exception) -> None:
             "at": timezone.now().isoformat(),
         }
         _retry_later(ctx, delay, message, attempts=[*step.attempts, attempt])
-    except LeaseLost:
-        log.info("step %s: lease lost, dropping this attempt", step.pk)
+    except LeaseLost as lost:
+        _drop_attempt(ctx, lost)
     except (OperationalError, InterfaceError):
         log.warning("step %s: database still unavailable; the sweeper will retry it", step.pk)
 
@@ -544,7 +552,7 @@ def _lock_run(run_id: int) -> Run:
     return found[0]
 
 
-def _update_mine(ctx: StepContext, **values) -> int:
+def _update_mine(ctx: StepContext, add: dict | None = None, **values) -> int:
     """Write our step if it is still ours (running, in our attempt): 1, else 0. Written out
     (runs/rows.py): every step ends with one."""
     return rows.update(
@@ -552,6 +560,7 @@ def _update_mine(ctx: StepContext, **values) -> int:
         "id = %s AND status = %s AND attempt = %s",
         [ctx.step.pk, Step.RUNNING, ctx.step.attempt],
         values=values,
+        add=add,
     )
 
 
@@ -586,11 +595,17 @@ def _save_outcome(
     output=None,
     error_kind: str = "",
     error: str = "",
+    call: StoredCall | None = None,
 ) -> bool:
+    """Save our step's outcome, with the figures of `call` (stored in this transaction), if
+    the step is still ours; else the figures alone."""
     fields = _step_fields(ctx)
+    if call is not None:
+        fields.update(call.step_values)
     text, output, error = storable(text), storable(output), storable(error)
     updated = _update_mine(
         ctx,
+        add=call.step_add if call is not None else None,
         status=status,
         output_text=text,
         output=output,
@@ -610,6 +625,8 @@ def _save_outcome(
             "cancelled": "step.cancelled",
         }.get(status, "step.finished")
         events.append_event(ctx.run.pk, kind, _step_payload(ctx.step, error=error))
+    elif call is not None:
+        rows.update(Step, "id = %s", [ctx.step.pk], values=call.step_values, add=call.step_add)
     return bool(updated)
 
 
@@ -638,23 +655,24 @@ def _after_success(ctx: StepContext, text: str, output) -> None:
     try:
         with _writing():
             run = _lock_run(ctx.run.pk)
-            record = ctx.record_pending_call(roll_up=False)
-            if _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output):
+            call = ctx.store_pending_call(run)
+            saved = _save_outcome(ctx, Step.SUCCEEDED, text=text, output=output, call=call)
+            # The run's row in one UPDATE: the call's figures and the node's output.
+            values = {}
+            if saved and ctx.node["kind"] != "parallel":
                 key = ctx.node.get("output_key") or ctx.node["id"]
-                if ctx.node["kind"] != "parallel":
-                    run.state, run.updated_at = {**run.state, key: output}, timezone.now()
-                    rows.update(
-                        Run,
-                        "id = %s",
-                        [run.pk],
-                        values={"state": run.state, "updated_at": run.updated_at},
-                    )
+                run.state, run.updated_at = {**run.state, key: output}, timezone.now()
+                values = {"state": run.state, "updated_at": run.updated_at}
+            if values or call is not None:
+                add = call.run_add if call is not None else None
+                rows.update(Run, "id = %s", [run.pk], values=values, add=add)
+            if saved:
                 _advance(run, ctx.spec, ctx.step, outcome="success")
-            if record is not None:
+            if call is not None:
                 # Last: the day's rollup row of a busy key is shared by every run using it.
-                costs.add_to_daily_usage(record)
-    except LeaseLost:
-        log.info("step %s: lease lost, dropping this attempt", ctx.step.pk)
+                costs.add_to_daily_usage(call.record)
+    except LeaseLost as lost:
+        _drop_attempt(ctx, lost)
     except (OperationalError, InterfaceError):
         ctx.unrecorded = unrecorded  # rolled back with the transaction: still to be stored
         raise

@@ -86,9 +86,15 @@ class Rows:
         return ", ".join(columns), models
 
 
-def insert(instances: list[Model]) -> None:
+def insert(instances: list[Model], *, unless_conflicting: bool = False) -> bool:
     """Insert new instances of one model in one statement and set their primary keys. Every
-    field but the key is written, from `pre_save` (so auto_now_add and defaults apply)."""
+    field but the key is written, from `pre_save` (so auto_now_add and defaults apply).
+
+    `unless_conflicting` (one instance): write nothing when a row with the same unique values
+    exists, and answer False. The transaction goes on as if nothing was tried: no error, so
+    no savepoint is needed around the INSERT."""
+    if unless_conflicting and len(instances) != 1:
+        raise ValueError("unless_conflicting inserts one instance")
     model = type(instances[0])
     fields = [f for f in model._meta.concrete_fields if not f.primary_key]
     db = connection_itself()
@@ -102,15 +108,20 @@ def insert(instances: list[Model]) -> None:
     with db.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {table(model)} ({', '.join(q(f.column) for f in fields)}) "
-            f"VALUES {', '.join([row] * len(instances))} RETURNING {q(model._meta.pk.column)}",
+            f"VALUES {', '.join([row] * len(instances))}"
+            f"{' ON CONFLICT DO NOTHING' if unless_conflicting else ''}"
+            f" RETURNING {q(model._meta.pk.column)}",
             params,
         )
         keys = [pk for (pk,) in cursor.fetchall()]
+    if not keys and unless_conflicting:
+        return False
     # Both databases return a multi-row VALUES insert's keys in the order given (the ORM's
     # bulk_create relies on it too).
     for instance, pk in zip(instances, keys, strict=True):
         instance.pk = pk
         instance._state.adding, instance._state.db = False, db.alias
+    return True
 
 
 def update(

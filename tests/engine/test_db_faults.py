@@ -41,6 +41,13 @@ def test_attempt_that_records_a_call_second_goes_on_with_the_recorded_answer(
     execute_step_task.delay(step.pk)  # a redelivered doorbell
     run = engine.wait_for(run, timeout_s=30)
     assert run.status == Run.SUCCEEDED, run.error
+    # Attempt 1's call is the one on record, its figures on the step it no longer owned and on
+    # the run; attempt 2 replayed it and added nothing; both reservations were given back.
+    record = UsageRecord.objects.get(run=run)
+    step = run.steps.get()
+    assert (step.attempt, step.total_tokens, step.cost) == (2, record.total_tokens, record.cost)
+    assert (run.total_tokens, run.cost) == (record.total_tokens, record.cost)
+    assert (run.reserved_tokens, run.reserved_cost) == (0, 0)
 
 
 @pytest.mark.skipif(

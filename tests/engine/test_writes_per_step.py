@@ -5,6 +5,7 @@ figures of `make bench` (docs/benchmarks.md) rest on them."""
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from runs import engine
 from runs.models import Run, Step, UsageRecord
@@ -50,10 +51,53 @@ def test_a_first_attempt_stores_its_call_with_its_outcome(alice):
 
     # The claim's event write, then one for the call, the outcome and the run's end together.
     assert len(statements(captured, 'INSERT INTO "runs_runevent"')) == 2
+    # The call's record needs no savepoint: a conflict does not break the transaction.
+    assert not statements(captured, "SAVEPOINT")
+    # The call's figures go with the step's outcome and with the run's state: each row is
+    # written once for them.
+    step_figures = [s for s in statements(captured, 'UPDATE "runs_step"') if "total_tokens" in s]
+    assert len(step_figures) == 1 and '"status"' in step_figures[0]
+    run_figures = [s for s in statements(captured, 'UPDATE "runs_run"') if "total_tokens" in s]
+    assert len(run_figures) == 1 and '"state"' in run_figures[0]
     run.refresh_from_db()
     assert run.status == Run.SUCCEEDED, run.error
     record = UsageRecord.objects.get(run=run)
     assert run.total_tokens == record.total_tokens > 0
-    assert run.steps.get().status == Step.SUCCEEDED
+    assert (run.cost, run.reserved_tokens, run.reserved_cost) == (record.cost, 0, 0)
+    assert run.state["writer"]
+    step = run.steps.get()
+    assert step.status == Step.SUCCEEDED
+    assert (step.total_tokens, step.cost, step.model) == (
+        record.total_tokens,
+        record.cost,
+        record.model,
+    )
     kinds = list(run.events.order_by("seq").values_list("kind", flat=True))
     assert kinds[-4:] == ["llm.called", "run.totals", "step.finished", "run.status"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_attempt_whose_call_another_recorded_first_gives_back_its_reservation(alice):
+    """Another attempt took the step over and recorded call 0 first: this attempt's outcome
+    transaction finds the record there, rolls back, and then gives back the budget its own
+    copy of the call held; the other attempt's record stays the only one."""
+    make_agent("writer")
+    run, step = silent_run(pipeline_spec("writer"), alice)
+    Run.objects.filter(pk=run.pk).update(budget={"max_tokens": 100_000})
+    theirs = UsageRecord.objects.create(
+        run=run,
+        step=step,
+        epoch=0,
+        call_index=0,
+        model="scripted/baton",
+        total_tokens=7,
+        at=timezone.now(),
+    )
+
+    engine.execute_step(step.pk)
+
+    run.refresh_from_db()
+    assert (run.reserved_tokens, run.reserved_cost) == (0, 0)
+    assert list(UsageRecord.objects.filter(step=step)) == [theirs]
+    assert run.total_tokens == 0  # the totals are the other attempt's to add
+    assert run.steps.get().status == Step.RUNNING  # not ours to finish

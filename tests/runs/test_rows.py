@@ -161,6 +161,22 @@ def test_an_insert_sets_each_key_in_order_and_fills_defaults(alice):
         assert stored.created_at is not None and event._state.adding is False
 
 
+def test_an_insert_unless_conflicting_writes_nothing_and_leaves_the_transaction_usable(alice):
+    run, _ = silent_run(pipeline_spec("writer"), alice)
+    first = RunEvent(run=run, seq=100, kind="bench.test", payload={"n": 1})
+    assert rows.insert([first], unless_conflicting=True) is True
+
+    twin = RunEvent(run=run, seq=100, kind="bench.test", payload={"n": 2})  # same (run, seq)
+    with CaptureQueriesContext(connection) as captured:
+        assert rows.insert([twin], unless_conflicting=True) is False
+
+    assert twin.pk is None and twin._state.adding is True
+    assert not any(q["sql"].startswith("SAVEPOINT") for q in captured.captured_queries)
+    assert RunEvent.objects.get(run=run, seq=100).payload == {"n": 1}  # still usable
+    with pytest.raises(ValueError):
+        rows.insert([first, twin], unless_conflicting=True)
+
+
 def test_each_reader_works_its_columns_out_once_however_many_readers_there_are(alice):
     readers = [rows.Rows([(Run, "r", ())]) for _ in range(8)]
     for reader in readers:
