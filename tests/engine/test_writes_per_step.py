@@ -3,7 +3,7 @@ is stored in the transaction that saves its outcome. Counts of statements, not t
 figures of `make bench` (docs/benchmarks.md) rest on them."""
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -49,8 +49,15 @@ def test_a_first_attempt_stores_its_call_with_its_outcome(alice):
     with CaptureQueriesContext(connection) as captured:
         engine.execute_step(step.pk)
 
-    # The claim's event write, then one for the call, the outcome and the run's end together.
-    assert len(statements(captured, 'INSERT INTO "runs_runevent"')) == 2
+    # The claim's event write, then one for the call, the outcome and the run's end together;
+    # on PostgreSQL each is one statement that takes the seqs too.
+    writes = [
+        q["sql"] for q in captured.captured_queries if 'INSERT INTO "runs_runevent"' in q["sql"]
+    ]
+    assert len(writes) == 2
+    if connection.vendor == "postgresql":
+        assert all(sql.startswith("WITH taken AS (UPDATE") for sql in writes)
+        assert not statements(captured, 'UPDATE "runs_run" SET last_seq')
     # The call's record needs no savepoint: a conflict does not break the transaction.
     assert not statements(captured, "SAVEPOINT")
     # The call's figures go with the step's outcome and with the run's state: each row is
@@ -101,3 +108,24 @@ def test_an_attempt_whose_call_another_recorded_first_gives_back_its_reservation
     assert list(UsageRecord.objects.filter(step=step)) == [theirs]
     assert run.total_tokens == 0  # the totals are the other attempt's to add
     assert run.steps.get().status == Step.RUNNING  # not ours to finish
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_are_numbered_after_the_runs_last_seq_in_the_order_appended(alice):
+    from runs import events
+
+    run, _ = silent_run(pipeline_spec("writer"), alice)
+    last = Run.objects.get(pk=run.pk).last_seq
+    with transaction.atomic(), events.appended_together():
+        events.append_event(run.pk, "bench.a", {"n": 1})
+        events.append_events(run.pk, [("bench.b", {"n": 2}), ("bench.c", None)])
+
+    written = list(run.events.filter(seq__gt=last).order_by("seq"))
+    assert [(e.seq - last, e.kind, e.payload) for e in written] == [
+        (1, "bench.a", {"n": 1}),
+        (2, "bench.b", {"n": 2}),
+        (3, "bench.c", {}),
+    ]
+    assert Run.objects.get(pk=run.pk).last_seq == last + 3
+    with pytest.raises(Run.DoesNotExist), transaction.atomic():
+        events.append_event(run.pk + 1000, "bench.none")
