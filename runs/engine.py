@@ -902,50 +902,62 @@ def _advance(run: Run, spec: dict, step: Step, *, outcome: str, error: str = "")
     _finish_if_idle(run, spec, just_succeeded=step if outcome == "success" else None)
 
 
-_STEP = rows.Rows([(Step, "s", ())])
-
-
-def _open_join(run: Run, spec: dict, join: dict, frame: list | None) -> Step:
-    """The join step collecting arrivals for this fan-out (created on the first arrival)."""
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    found = _STEP.first(  # written out: every branch arrives (runs/rows.py)
-        f"SELECT {_STEP.columns()} FROM {rows.table(Step)} s "
-        "WHERE s.run_id = %s AND s.node_id = %s AND s.status = %s "
-        f"ORDER BY s.iteration DESC LIMIT 1{lock}",
-        [run.pk, join["id"], Step.WAITING],
-    )
-    join_step = found[0] if found else None
-    if join_step is None:
-        latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
-        iteration = 0 if latest["n"] is None else latest["n"] + 1
-        if frame:
-            expected = [
-                e["target"]
-                for e in spec["edges"]
-                if e["source"] == frame[0] and e.get("on", "success") == "success"
-            ]
-        else:
-            expected = [e["source"] for e in spec["edges"] if e["target"] == join["id"]]
-        join_step = Step.objects.create(
-            run=run,
-            node_id=join["id"],
-            kind="join",
-            iteration=iteration,
-            status=Step.WAITING,
-            input={"expected": expected, "frame": frame},
-        )
-        Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
-        events.append_event(run.pk, "step.created", _step_payload(join_step))
-    return join_step
+# A step as an UPDATE returns it: SQLite's RETURNING takes the table's name, not an alias.
+_STEP = rows.Rows([(Step, Step._meta.db_table, ())])
 
 
 def _arrive(run: Run, spec: dict, join: dict, step: Step, status: str) -> None:
     frame = step.branches[-1] if step.branches else None
-    join_step = _open_join(run, spec, join, frame)
     branch = frame[1] if frame else step.node_id
-    join_step.arrivals = {**join_step.arrivals, branch: {"status": status, "source": step.node_id}}
-    rows.update(Step, "id = %s", [join_step.pk], values={"arrivals": join_step.arrivals})
+    arrival = {branch: {"status": status, "source": step.node_id}}
+    join_step = _add_arrival(run, join, arrival) or _open_join(run, spec, join, frame, arrival)
     _maybe_release_join(run, spec, join, join_step)
+
+
+def _add_arrival(run: Run, join: dict, arrival: dict) -> Step | None:
+    """Add `arrival` to the arrivals of the join step waiting for this fan-out, in one
+    statement that returns the step (written out: every branch arrives); None when there is
+    no such step yet. The run's lock, which the caller holds, keeps arrivals one at a time."""
+    db = rows.connection_itself()
+    field = Step._meta.get_field("arrivals")
+    if db.vendor == "postgresql":
+        merged = "arrivals || CAST(%s AS jsonb)"  # a shallow merge, as {**old, **new}
+    else:
+        merged = "json_patch(arrivals, %s)"  # SQLite: the same, for one level of keys
+    found = _STEP.first(
+        f"UPDATE {rows.table(Step)} SET arrivals = {merged} WHERE id = ("
+        f"SELECT w.id FROM {rows.table(Step)} w WHERE w.run_id = %s AND w.node_id = %s "
+        f"AND w.status = %s ORDER BY w.iteration DESC LIMIT 1) "
+        f"RETURNING {_STEP.columns()}",
+        [field.get_db_prep_save(arrival, db), run.pk, join["id"], Step.WAITING],
+    )
+    return found[0] if found else None
+
+
+def _open_join(run: Run, spec: dict, join: dict, frame: list | None, arrival: dict) -> Step:
+    """The join step collecting this fan-out's arrivals, made on its first one."""
+    latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
+    iteration = 0 if latest["n"] is None else latest["n"] + 1
+    if frame:
+        expected = [
+            e["target"]
+            for e in spec["edges"]
+            if e["source"] == frame[0] and e.get("on", "success") == "success"
+        ]
+    else:
+        expected = [e["source"] for e in spec["edges"] if e["target"] == join["id"]]
+    join_step = Step.objects.create(
+        run=run,
+        node_id=join["id"],
+        kind="join",
+        iteration=iteration,
+        status=Step.WAITING,
+        input={"expected": expected, "frame": frame},
+        arrivals=arrival,
+    )
+    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
+    events.append_event(run.pk, "step.created", _step_payload(join_step))
+    return join_step
 
 
 def _maybe_release_join(run: Run, spec: dict, join: dict, join_step: Step) -> None:

@@ -129,3 +129,38 @@ def test_events_are_numbered_after_the_runs_last_seq_in_the_order_appended(alice
     assert Run.objects.get(pk=run.pk).last_seq == last + 3
     with pytest.raises(Run.DoesNotExist), transaction.atomic():
         events.append_event(run.pk + 1000, "bench.none")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_branch_arrives_at_its_join_in_one_statement(alice):
+    """The first arrival makes the join step with its arrival in it; each later one adds its
+    own with one UPDATE ... RETURNING, no locked read first. Branch steps are made by hand
+    here, so no doorbell rings for them."""
+    names = ["left", "middle", "right"]
+    for name in names:
+        make_agent(name)
+    spec = fan_out_spec(*names)
+    run, _ = silent_run(spec, alice)
+    branches = [
+        Step.objects.create(run=run, node_id=n, kind="agent", branches=[["fan", n]]) for n in names
+    ]
+    join = next(n for n in spec["nodes"] if n["id"] == "gather")
+
+    with transaction.atomic():
+        locked = engine._lock_run(run.pk)
+        engine._arrive(locked, spec, join, branches[0], "succeeded")
+        with CaptureQueriesContext(connection) as captured:
+            engine._arrive(locked, spec, join, branches[1], "succeeded")
+
+    gather = run.steps.get(node_id="gather")
+    assert gather.status == Step.WAITING and gather.input["expected"] == names
+    assert gather.arrivals == {
+        "left": {"status": "succeeded", "source": "left"},
+        "middle": {"status": "succeeded", "source": "middle"},
+    }
+    assert [q["sql"].split()[0] for q in captured.captured_queries] == ["UPDATE"]
+
+    with transaction.atomic():
+        engine._arrive(engine._lock_run(run.pk), spec, join, branches[2], "succeeded")
+    gather.refresh_from_db()
+    assert set(gather.arrivals) == set(names) and gather.status == Step.PENDING
