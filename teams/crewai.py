@@ -30,6 +30,7 @@ from teams.yaml_io import (
     ImportFailed,
     ImportResult,
     load_yaml,
+    plain,
     publish_if_valid,
     unique_name,
     unique_slug,
@@ -175,9 +176,10 @@ def import_crewai_documents(
     3. Build the spec (pipeline or supervisor), the input schema from the placeholders, and
        publish it when it validates.
     """
-    agents = _mapping(agents, "agents.yaml")
-    tasks = _mapping(tasks, "tasks.yaml")
-    crew = _crew_settings(crew)
+    agents = _mapping(plain(agents, "agents.yaml"), "agents.yaml")
+    tasks = _mapping(plain(tasks, "tasks.yaml"), "tasks.yaml")
+    crew = _crew_settings(plain(crew, "The crew's settings"))
+    name = plain(name, "The workflow's name")
     process = str(crew.get("process") or "sequential").strip().lower()
     if process not in ("sequential", "hierarchical"):
         raise ImportFailed(f"Unknown crew process {process!r}: use sequential or hierarchical.")

@@ -115,9 +115,13 @@ def load_yaml(data: bytes | str, what: str = "The file") -> object:
         # PyYAML's constructors: an impossible date (2024-02-30), an integer of more than 4300
         # digits, `!!int 1e5`...
         raise ImportFailed(f"{what} has a value YAML cannot read: {exc}.") from None
-    budget = [MAX_VALUES]
+    return plain(document, what)
+
+
+def plain(document, what: str):
+    """`document` as data Baton can store as JSON, or ImportFailed saying what is wrong."""
     try:
-        return _plain(document, budget, what)
+        return _plain(document, [MAX_VALUES], what)
     except RecursionError:
         raise ImportFailed(f"{what} is nested too deeply.") from None
 

@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 
 from runs import engine
 from runs.models import Run
-from teams.crewai import import_crewai, litellm_model
+from teams.crewai import import_crewai, import_crewai_documents, litellm_model
 from teams.models import Agent, Role, Workflow
 from teams.spec import validate_spec
 from teams.yaml_io import ImportFailed
@@ -368,6 +368,23 @@ def test_bad_crewai_input_gives_one_clear_error_and_creates_nothing(agents, task
         )
     assert not Workflow.objects.exists()
     assert not Agent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "agents, tasks, name, message",
+    [
+        ({"a": {"role": "R", "goal": "G"}}, {"t": {"agent": "a"}}, "\x00", "workflow's name"),
+        ({"a": {"role": "R\x00", "goal": "G"}}, {"t": {"agent": "a"}}, "", "agents.yaml"),
+        ({"a": {"role": "R", "goal": "G"}}, {"t": {"agent": "a", "x": ["\x00"]}}, "", "tasks"),
+    ],
+)
+def test_parsed_crewai_documents_with_a_nul_character_are_refused_clearly(
+    agents, tasks, name, message, alice
+):
+    """Parsed documents handed over directly (not through load_yaml) are checked as a file's."""
+    with pytest.raises(ImportFailed, match=f"{message}.*NUL character"):
+        import_crewai_documents(agents, tasks, owner=alice, name=name)
+    assert not Workflow.objects.exists()
 
 
 def test_malformed_crewai_yaml_names_the_file():
