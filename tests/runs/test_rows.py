@@ -92,6 +92,7 @@ def test_one_insert_numbers_the_iterations_of_each_node(alice):
         [(step.node_id, 0), (step.node_id, 1), (step.node_id, 2), ("other", 0)]
     )
     assert all(s.pk and Step.objects.get(pk=s.pk).created_at for s in again)
+    assert Run.objects.get(pk=run.pk).step_count == 1 + 3  # counted on the run as well
 
 
 def test_the_runs_list_reads_a_row_and_renders_it_as_the_orm_would(alice):
