@@ -383,17 +383,17 @@ _CLAIMED = rows.Rows(
 
 
 @functools.cache
-def _claim_statements(vendor: str) -> tuple[str, str]:
+def _claim_statements(vendor: str) -> tuple[str, str, str | None]:
     on = connection.ops.quote_name(Switch._meta.get_field("on").column)
-    select = (
-        f"SELECT {_CLAIMED.columns()}, "
-        f"EXISTS (SELECT 1 FROM {rows.table(Switch)} x WHERE x.name = %s AND x.{on}), "
-        f"(SELECT t.value FROM {rows.table(LookupToken)} t WHERE t.name = %s) "
-        f"FROM {rows.table(Step)} s "
-        f"INNER JOIN {rows.table(Run)} r ON r.id = s.run_id "
+    stopped = f"EXISTS (SELECT 1 FROM {rows.table(Switch)} x WHERE x.name = %s AND x.{on})"
+    token = f"(SELECT t.value FROM {rows.table(LookupToken)} t WHERE t.name = %s)"
+    joined = (
         f"INNER JOIN {rows.table(Workflow)} w ON w.id = r.workflow_id "
-        f"INNER JOIN {rows.table(WorkflowVersion)} v ON v.id = r.version_id "
-        f"WHERE s.id = %s"
+        f"INNER JOIN {rows.table(WorkflowVersion)} v ON v.id = r.version_id"
+    )
+    select = (
+        f"SELECT {_CLAIMED.columns()}, {stopped}, {token} FROM {rows.table(Step)} s "
+        f"INNER JOIN {rows.table(Run)} r ON r.id = s.run_id {joined} WHERE s.id = %s"
     )
     # Compare-and-swap: pending, or running with an expired lease (its worker died), and still
     # the attempt we read.
@@ -402,16 +402,62 @@ def _claim_statements(vendor: str) -> tuple[str, str]:
         f"started_at = %s WHERE id = %s AND attempt = %s "
         f"AND (status = %s OR (status = %s AND lease_until < %s))"
     )
-    return select, update
+    # PostgreSQL: the common case in one statement. A step that can run now (pending, or
+    # running with an expired lease; due; its run going and not paused; nothing stopped) is
+    # swapped to running and comes back with its run, workflow and version, as the SELECT
+    # reads them. Any other step matches nothing, and the two statements above sort it out.
+    at_once = None
+    if vendor == "postgresql":
+        at_once = (
+            f"UPDATE {rows.table(Step)} s SET status = %s, attempt = s.attempt + 1, "
+            "lease_until = %s, started_at = COALESCE(s.started_at, %s) "
+            f"FROM {rows.table(Run)} r {joined} WHERE s.id = %s AND r.id = s.run_id "
+            "AND (s.status = %s OR (s.status = %s AND s.lease_until < %s)) "
+            "AND (s.not_before IS NULL OR s.not_before <= %s) AND r.status IN (%s, %s, %s) "
+            f"AND NOT {stopped} RETURNING {_CLAIMED.columns()}, FALSE, {token}"
+        )
+    return select, update, at_once
 
 
 def _claimed_row(step_id: int) -> Step | None:
     """The step, its run, the run's workflow and version, whether everything is stopped and
     the lookup token (runs/models.py LookupToken)."""
-    select, _ = _claim_statements(connection.vendor)
+    select, _, _ = _claim_statements(connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(select, [STOP_EVERYTHING, LookupToken.LOOKUPS, step_id])
-        row = cursor.fetchone()
+        return _read_claimed(cursor.fetchone())
+
+
+def _claimed_at_once(step_id: int, now, lease) -> Step | None:
+    """PostgreSQL: claim a step that can run now in one statement (see _claim_statements);
+    None when it cannot, or on another database."""
+    _, _, at_once = _claim_statements(connection.vendor)
+    if at_once is None:
+        return None
+    moment = Step._meta.get_field("lease_until")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            at_once,
+            [
+                Step.RUNNING,
+                moment.get_db_prep_save(lease, connection),
+                moment.get_db_prep_save(now, connection),
+                step_id,
+                Step.PENDING,
+                Step.RUNNING,
+                moment.get_db_prep_value(now, connection),
+                moment.get_db_prep_value(now, connection),
+                Run.QUEUED,
+                Run.RUNNING,
+                Run.WAITING_APPROVAL,
+                STOP_EVERYTHING,
+                LookupToken.LOOKUPS,
+            ],
+        )
+        return _read_claimed(cursor.fetchone())
+
+
+def _read_claimed(row) -> Step | None:
     if row is None:
         return None
     step, run, workflow, version = _CLAIMED.read(row)
@@ -426,6 +472,30 @@ def _claimed_row(step_id: int) -> Step | None:
 def _claim(step_id: int) -> Step | None:
     """Compare-and-swap: pending, or running with an expired lease (its worker died)."""
     now = timezone.now()
+    lease = now + timedelta(seconds=settings.BATON_STEP_LEASE_S)
+    step = _claimed_at_once(step_id, now, lease) or _claim_after_reading(step_id, now, lease)
+    if step is None:
+        return None
+    run = step.run
+    with _writing():
+        started = []
+        if run.status == Run.QUEUED and rows.update(
+            Run,
+            "id = %s AND status = %s",
+            [run.pk, Run.QUEUED],
+            values={"status": Run.RUNNING, "started_at": now},
+        ):
+            run.status, run.started_at = Run.RUNNING, now
+            started.append(("run.status", {"status": Run.RUNNING}))
+        events.append_events(
+            run.pk, [*started, ("step.started", _step_payload(step, attempt=step.attempt))]
+        )
+    return step
+
+
+def _claim_after_reading(step_id: int, now, lease) -> Step | None:
+    """Read the step, then swap it to running if it can run now: the claim of a step that
+    _claimed_at_once did not take (it cannot run now, or the database is SQLite)."""
     step = _claimed_row(step_id)
     if step is None:
         return None
@@ -438,11 +508,10 @@ def _claim(step_id: int) -> Step | None:
     if step.not_before and step.not_before > now:
         _enqueue_now(step_id, (step.not_before - now).total_seconds())
         return None
-    lease = now + timedelta(seconds=settings.BATON_STEP_LEASE_S)
     started_at = step.started_at or now
     # The attempt we read is part of the swap: if anyone claimed it since, we lose. On its
     # own (autocommit), so the step row is never held while the run row is awaited.
-    _, update = _claim_statements(connection.vendor)
+    _, update, _ = _claim_statements(connection.vendor)
     moment = Step._meta.get_field("lease_until")
     with connection.cursor() as cursor:
         cursor.execute(
@@ -464,19 +533,6 @@ def _claim(step_id: int) -> Step | None:
         return None
     step.status, step.attempt, step.lease_until = Step.RUNNING, step.attempt + 1, lease
     step.started_at = started_at
-    with _writing():
-        started = []
-        if run.status == Run.QUEUED and rows.update(
-            Run,
-            "id = %s AND status = %s",
-            [run.pk, Run.QUEUED],
-            values={"status": Run.RUNNING, "started_at": now},
-        ):
-            run.status, run.started_at = Run.RUNNING, now
-            started.append(("run.status", {"status": Run.RUNNING}))
-        events.append_events(
-            run.pk, [*started, ("step.started", _step_payload(step, attempt=step.attempt))]
-        )
     return step
 
 

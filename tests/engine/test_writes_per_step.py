@@ -14,6 +14,7 @@ from tests.factories import fan_out_spec, make_agent, pipeline_spec, silent_run
 pytestmark = pytest.mark.integration  # the fan-out rings its branches' doorbells
 
 BRANCHES = [f"angle{i}" for i in range(10)]
+ADDS_TOKENS = '"total_tokens" = "total_tokens" +'  # rows.update(add=...)
 
 
 def statements(captured, prefix: str) -> list[str]:
@@ -63,13 +64,17 @@ def test_a_first_attempt_stores_its_call_with_its_outcome(alice):
     if connection.vendor == "postgresql":
         assert all(sql.startswith("WITH taken AS (UPDATE") for sql in writes)
         assert not statements(captured, 'UPDATE "runs_run" SET last_seq')
+        # The claim of a step that can run is one UPDATE returning it with its run: no read.
+        first = captured.captured_queries[0]["sql"]
+        assert first.startswith('UPDATE "runs_step" s SET') and "RETURNING" in first
+        assert not [s for s in statements(captured, "SELECT") if '"runs_step" s INNER' in s]
     # The call's record needs no savepoint: a conflict does not break the transaction.
     assert not statements(captured, "SAVEPOINT")
     # The call's figures go with the step's outcome and with the run's state: each row is
     # written once for them.
-    step_figures = [s for s in statements(captured, 'UPDATE "runs_step"') if "total_tokens" in s]
+    step_figures = [s for s in statements(captured, 'UPDATE "runs_step"') if ADDS_TOKENS in s]
     assert len(step_figures) == 1 and '"status"' in step_figures[0]
-    run_figures = [s for s in statements(captured, 'UPDATE "runs_run"') if "total_tokens" in s]
+    run_figures = [s for s in statements(captured, 'UPDATE "runs_run"') if ADDS_TOKENS in s]
     assert len(run_figures) == 1 and '"state"' in run_figures[0]
     run.refresh_from_db()
     assert run.status == Run.SUCCEEDED, run.error
