@@ -142,10 +142,11 @@ def test_events_are_numbered_after_the_runs_last_seq_in_the_order_appended(alice
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_branch_arrives_at_its_join_in_one_statement(alice):
+def test_a_branch_arrives_at_its_join_in_one_statement(alice, celery_worker):
     """The first arrival makes the join step with its arrival in it; each later one adds its
     own with one UPDATE ... RETURNING, no locked read first. Branch steps are made by hand
-    here, so no doorbell rings for them."""
+    here, so no doorbell rings for them; the last arrival rings the join's, and the worker
+    fixture lets the worker finish it before the tables are flushed."""
     names = ["left", "middle", "right"]
     for name in names:
         make_agent(name)
@@ -173,4 +174,4 @@ def test_a_branch_arrives_at_its_join_in_one_statement(alice):
     with transaction.atomic():
         engine._arrive(engine._lock_run(run.pk), spec, join, branches[2], "succeeded")
     gather.refresh_from_db()
-    assert set(gather.arrivals) == set(names) and gather.status == Step.PENDING
+    assert set(gather.arrivals) == set(names) and gather.status != Step.WAITING  # released
