@@ -182,8 +182,10 @@ def _take_seqs(run_id: int, count: int) -> int:
     return row[0]
 
 
-# The columns of an event that the caller fills; run and seq come from the statement itself.
-_FILLED = ("kind", "payload", "created_at")
+# The fields of an event that the caller fills; run and seq come from the statement itself.
+_FILLED = [
+    f for f in RunEvent._meta.concrete_fields if not f.primary_key and f.name not in ("run", "seq")
+]
 
 
 def _insert_taking_seqs(run_id: int, created: list[RunEvent]) -> None:
@@ -191,14 +193,13 @@ def _insert_taking_seqs(run_id: int, created: list[RunEvent]) -> None:
     statement (an UPDATE in a WITH clause), and set each event's seq and key."""
     db = rows.connection_itself()
     q = db.ops.quote_name
-    fields = [RunEvent._meta.get_field(name) for name in _FILLED]
-    casts = ", ".join(f"CAST(%s AS {field.db_type(db)})" for field in fields)
+    casts = ", ".join(f"CAST(%s AS {field.db_type(db)})" for field in _FILLED)
     params = [len(created), run_id, run_id, len(created)]
     for number, event in enumerate(created, start=1):
         params.append(number)
-        params += [field.get_db_prep_save(field.pre_save(event, True), db) for field in fields]
-    columns = ", ".join(q(field.column) for field in fields)
-    values = ", ".join(f"v.{q(field.column)}" for field in fields)
+        params += [field.get_db_prep_save(field.pre_save(event, True), db) for field in _FILLED]
+    columns = ", ".join(q(field.column) for field in _FILLED)
+    values = ", ".join(f"v.{q(field.column)}" for field in _FILLED)
     with db.cursor() as cursor:
         cursor.execute(
             f"WITH taken AS (UPDATE {rows.table(Run)} SET last_seq = last_seq + %s "
