@@ -300,14 +300,7 @@ class StepContext:
             record,
             step_values,
             step_add,
-            run_add={
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.total_tokens,
-                "cost": record.cost,
-                "reserved_cost": -estimate_cost,
-                "reserved_tokens": -estimate_tokens,
-            },
+            run_add=_run_figures(result, record.cost, estimate_cost, estimate_tokens),
         )
 
     def record_pending_call(
@@ -726,27 +719,31 @@ def _step_figures(result, cost: Decimal) -> tuple[dict, dict]:
     }
 
 
+def _run_figures(result, cost: Decimal, reserved_cost: Decimal, reserved_tokens: int) -> dict:
+    """What one call adds to its run's row: its tokens and cost, less what was reserved for it."""
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.total_tokens,
+        "cost": cost,
+        "reserved_cost": -reserved_cost,
+        "reserved_tokens": -reserved_tokens,
+    }
+
+
 def _add_to_run_totals(
     run_id: int, result, cost: Decimal, reserved_cost: Decimal, reserved_tokens: int
 ) -> tuple[int, Decimal]:
     """Add an LLM call to its run's totals and give back what was reserved for it; returns the
     run's new (total_tokens, cost). One statement (the ORM has no UPDATE ... RETURNING): the
     run's row stays locked from here to the commit, and parallel branches wait on it."""
+    add = _run_figures(result, cost, reserved_cost, reserved_tokens)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {rows.table(Run)} SET prompt_tokens = prompt_tokens + %s,"
-            " completion_tokens = completion_tokens + %s, total_tokens = total_tokens + %s,"
-            " cost = cost + %s, reserved_cost = reserved_cost - %s,"
-            " reserved_tokens = reserved_tokens - %s WHERE id = %s RETURNING total_tokens, cost",
-            [
-                result.prompt_tokens,
-                result.completion_tokens,
-                result.total_tokens,
-                cost,
-                reserved_cost,
-                reserved_tokens,
-                run_id,
-            ],
+            f"UPDATE {rows.table(Run)} SET "
+            + ", ".join(f"{column} = {column} + %s" for column in add)
+            + " WHERE id = %s RETURNING total_tokens, cost",
+            [*add.values(), run_id],
         )
         total_tokens, total_cost = cursor.fetchone()
     # SQLite hands a decimal column back as a float: make it the field's Decimal again.

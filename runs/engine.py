@@ -37,7 +37,7 @@ from django.db import (
     connection,
     transaction,
 )
-from django.db.models import F, Max, Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from runs import events, nodes, rows
@@ -1001,9 +1001,8 @@ def _add_arrival(run: Run, join: dict, arrival: dict) -> Step | None:
 
 
 def _open_join(run: Run, spec: dict, join: dict, frame: list | None, arrival: dict) -> Step:
-    """The join step collecting this fan-out's arrivals, made on its first one."""
-    latest = Step.objects.filter(run=run, node_id=join["id"]).aggregate(n=Max("iteration"))
-    iteration = 0 if latest["n"] is None else latest["n"] + 1
+    """The join step collecting this fan-out's arrivals, made on its first one (numbered and
+    counted on the run by _insert_steps, as every new step)."""
     if frame:
         expected = [
             e["target"]
@@ -1012,16 +1011,16 @@ def _open_join(run: Run, spec: dict, join: dict, frame: list | None, arrival: di
         ]
     else:
         expected = [e["source"] for e in spec["edges"] if e["target"] == join["id"]]
-    join_step = Step.objects.create(
+    join_step = Step(
         run=run,
         node_id=join["id"],
         kind="join",
-        iteration=iteration,
         status=Step.WAITING,
         input={"expected": expected, "frame": frame},
         arrivals=arrival,
     )
-    Run.objects.filter(pk=run.pk).update(step_count=F("step_count") + 1)
+    _insert_steps([join_step])
+    run.step_count += 1
     events.append_event(run.pk, "step.created", _step_payload(join_step))
     return join_step
 
